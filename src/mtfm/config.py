@@ -1,0 +1,332 @@
+"""Typed, validated configuration: the data schema (what the raw logs look like).
+
+A schema is written in YAML and validated with pydantic before any work starts. Every error
+names the file and the dotted field path (for example
+``schema.yaml: scenarios[HP].tasks.1.labels: ...``) so a user can fix it without reading code.
+
+The schema is the contract between the raw logs and everything downstream:
+
+* each *scenario* has its own exposure table and its own user / cross / item feature lists and
+  tasks. Nothing is aligned between scenarios (paper, section 3.1);
+* *history* sequence types (H) and *real-time* sequence types (R) are shared by all scenarios,
+  each read from its own behaviour table with its own features;
+* time column and unit, the aggregation window and the time-based split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SchemaError(ValueError):
+    """A schema (YAML or in-memory) that does not validate; the message names file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Features
+# --------------------------------------------------------------------------------------------
+
+
+class _IdEncoding(_Strict):
+    """How raw values of a categorical column become embedding ids.
+
+    Exactly one of:
+    * ``num_embeddings``: the column already holds integer ids in ``[0, num_embeddings)``;
+      a value outside that range is an error (never silently clipped).
+    * ``vocabulary``: explicit list of raw values; id = position + 1, id 0 = out of vocabulary.
+    * ``hash_buckets``: any value is hashed into ``[0, hash_buckets)``.
+    """
+
+    num_embeddings: int | None = Field(default=None, gt=0)
+    vocabulary: list[str | int] | None = None
+    hash_buckets: int | None = Field(default=None, gt=0)
+    embedding_dim: int | None = Field(default=None, gt=0, description="None: the model default")
+
+    @model_validator(mode="after")
+    def _exactly_one_encoding(self) -> "_IdEncoding":
+        given = [k for k in ("num_embeddings", "vocabulary", "hash_buckets") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "exactly one of num_embeddings, vocabulary, hash_buckets must be set "
+                f"(got {given or 'none'})"
+            )
+        if self.vocabulary is not None:
+            if len(self.vocabulary) == 0:
+                raise ValueError("vocabulary must not be empty")
+            if len(set(map(str, self.vocabulary))) != len(self.vocabulary):
+                raise ValueError("vocabulary has duplicate values")
+        return self
+
+    @property
+    def cardinality(self) -> int:
+        """Number of embedding rows the encoded ids need."""
+        if self.num_embeddings is not None:
+            return self.num_embeddings
+        if self.vocabulary is not None:
+            return len(self.vocabulary) + 1
+        assert self.hash_buckets is not None
+        return self.hash_buckets
+
+
+class CategoricalFeature(_IdEncoding):
+    kind: Literal["categorical"] = "categorical"
+    name: str = Field(min_length=1, description="column in the raw table")
+
+
+class MultiCategoricalFeature(_IdEncoding):
+    """A list-valued column (e.g. a dish's tags); pooled into one embedding by the model."""
+
+    kind: Literal["multi_categorical"] = "multi_categorical"
+    name: str = Field(min_length=1)
+    max_len: int = Field(default=16, gt=0, description="longer lists keep their first max_len values")
+    pooling: Literal["mean", "sum"] = "mean"
+
+
+class NumericFeature(_Strict):
+    """A numeric column, normalised at prepare time.
+
+    ``standard`` and ``minmax`` statistics are computed on the *train* split only and written
+    to the manifest, so valid/test rows never leak into them.
+    """
+
+    kind: Literal["numeric"] = "numeric"
+    name: str = Field(min_length=1)
+    normalization: Literal["none", "log1p", "standard", "minmax"] = "standard"
+    clip: tuple[float, float] | None = Field(default=None, description="clip raw values before normalising")
+
+    @model_validator(mode="after")
+    def _clip_ordered(self) -> "NumericFeature":
+        if self.clip is not None and not self.clip[0] < self.clip[1]:
+            raise ValueError(f"clip must be (low, high) with low < high, got {self.clip}")
+        return self
+
+
+Feature = Annotated[
+    Union[CategoricalFeature, MultiCategoricalFeature, NumericFeature], Field(discriminator="kind")
+]
+
+
+def _unique_feature_names(features: list[Feature], where: str) -> list[Feature]:
+    names = [f.name for f in features]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"duplicate feature names in {where}: {dupes}")
+    return features
+
+
+# --------------------------------------------------------------------------------------------
+# Scenarios, tasks, sequences
+# --------------------------------------------------------------------------------------------
+
+
+class TaskSpec(_Strict):
+    """One prediction task of a scenario.
+
+    The label is the AND of ``labels`` (CTCVR = [click, conversion]). Each label column must
+    hold 0/1. ``allow_missing``: a null label means "not observed" and masks the task for that
+    exposure instead of being an error. ``oracle_column``: the true probability, when the source
+    knows it (synthetic data), used for the oracle AUC/GAUC ceiling.
+    """
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_]+$")
+    labels: list[str] = Field(min_length=1)
+    allow_missing: bool = False
+    oracle_column: str | None = None
+
+
+class ScenarioSpec(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_]+$")
+    table: str = Field(min_length=1, description="exposure table of this scenario")
+    user_features: list[Feature] = Field(default_factory=list)
+    cross_features: list[Feature] = Field(default_factory=list)
+    item_features: list[Feature] = Field(min_length=1)
+    tasks: list[TaskSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> "ScenarioSpec":
+        all_features = [*self.user_features, *self.cross_features, *self.item_features]
+        _unique_feature_names(all_features, "user/cross/item features")
+        task_names = [t.name for t in self.tasks]
+        if len(set(task_names)) != len(task_names):
+            raise ValueError(f"duplicate task names: {task_names}")
+        return self
+
+    @property
+    def feature_groups(self) -> dict[str, list[Feature]]:
+        return {"user": list(self.user_features), "cross": list(self.cross_features), "item": list(self.item_features)}
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+class SequenceSpec(_Strict):
+    """A shared behaviour sequence type, read from its own behaviour table.
+
+    History (H) keeps the most recent ``max_len`` actions strictly before the window start;
+    real-time (R) keeps the most recent ``max_len`` actions strictly before the window end (so
+    it may overlap the window; the model's dynamic mask hides actions at or after an exposure).
+    """
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_]+$")
+    table: str = Field(min_length=1)
+    features: list[Feature] = Field(min_length=1)
+    max_len: int = Field(gt=0)
+
+    @field_validator("features")
+    @classmethod
+    def _features_unique(cls, v: list[Feature]) -> list[Feature]:
+        return _unique_feature_names(v, "features")
+
+
+class TimeSpec(_Strict):
+    column: str = "ts"
+    unit: Literal["s", "ms"] = "s"
+    min: int | None = Field(default=None, description="exposures before this are dropped (counted)")
+    max: int | None = Field(default=None, description="exposures at or after this are dropped (counted)")
+
+    @property
+    def per_second(self) -> int:
+        return 1000 if self.unit == "ms" else 1
+
+
+class SplitSpec(_Strict):
+    """Time-based split by window start.
+
+    Either absolute boundaries (``valid_start``, ``test_start``, in the time unit) or
+    fractions of the windows (the last ``test_fraction`` of distinct windows is test, the
+    ``valid_fraction`` before it valid). The boundaries actually used go into the manifest.
+    """
+
+    valid_start: int | None = None
+    test_start: int | None = None
+    valid_fraction: float | None = Field(default=None, ge=0, lt=1)
+    test_fraction: float | None = Field(default=None, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_style(self) -> "SplitSpec":
+        absolute = self.valid_start is not None or self.test_start is not None
+        fraction = self.valid_fraction is not None or self.test_fraction is not None
+        if absolute == fraction:
+            raise ValueError("give either valid_start/test_start or valid_fraction/test_fraction")
+        if absolute and (self.valid_start is None or self.test_start is None or self.valid_start > self.test_start):
+            raise ValueError("valid_start and test_start are both required, with valid_start <= test_start")
+        if fraction and ((self.valid_fraction or 0) + (self.test_fraction or 0) >= 1):
+            raise ValueError("valid_fraction + test_fraction must be < 1")
+        return self
+
+
+class DataSchema(_Strict):
+    user_column: str = "user_id"
+    time: TimeSpec = Field(default_factory=TimeSpec)
+    window: int = Field(gt=0, description="aggregation window length, in the time unit")
+    split: SplitSpec
+    scenarios: list[ScenarioSpec] = Field(min_length=1)
+    history: list[SequenceSpec] = Field(default_factory=list)
+    realtime: list[SequenceSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> "DataSchema":
+        names = [s.name for s in self.scenarios]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate scenario names: {names}")
+        seq = [s.name for s in (*self.history, *self.realtime)]
+        if len(set(seq)) != len(seq):
+            raise ValueError(f"duplicate sequence names across history and realtime: {seq}")
+        return self
+
+    # ---- helpers used by every stage ------------------------------------------------------
+
+    @property
+    def scenario_names(self) -> list[str]:
+        return [s.name for s in self.scenarios]
+
+    def scenario(self, name: str) -> ScenarioSpec:
+        for s in self.scenarios:
+            if s.name == name:
+                return s
+        raise KeyError(f"unknown scenario {name!r}; the schema has {self.scenario_names}")
+
+    def token_groups(self) -> list[str]:
+        """Group LayerNorm groups, in a fixed order: history types, real-time types, scenarios.
+
+        The position in this list is the group id carried by ``TokenLayout.group_ids``.
+        """
+        return (
+            [f"H:{s.name}" for s in self.history]
+            + [f"R:{s.name}" for s in self.realtime]
+            + [f"T:{s.name}" for s in self.scenarios]
+        )
+
+    def restrict(self, scenario_names: list[str]) -> "DataSchema":
+        """The same schema with only the named scenarios (for single-scenario training)."""
+        unknown = [n for n in scenario_names if n not in self.scenario_names]
+        if unknown:
+            raise SchemaError(f"unknown scenario(s) {unknown}; the schema has {self.scenario_names}")
+        kept = [s for s in self.scenarios if s.name in scenario_names]
+        return self.model_copy(update={"scenarios": kept})
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _format_validation_error(err: ValidationError, source: str, raw: object) -> str:
+    lines = [f"{source}: invalid schema ({err.error_count()} problem(s))"]
+    for e in err.errors():
+        path = _readable_path(e["loc"], raw)
+        lines.append(f"  {path}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _readable_path(loc: tuple, raw: object) -> str:
+    """Dotted path; list items of named things show their name: scenarios[HP].tasks[ctr]."""
+    parts: list[str] = []
+    node = raw
+    for key in loc:
+        if isinstance(key, int) and isinstance(node, list):
+            item = node[key] if key < len(node) else None
+            name = item.get("name") if isinstance(item, dict) else None
+            label = f"[{name if name is not None else key}]"
+            if parts:
+                parts[-1] += label
+            else:
+                parts.append(label)
+            node = item
+        else:
+            parts.append(str(key))
+            node = node.get(key) if isinstance(node, dict) else None
+    return ".".join(p for p in parts if p) or "<root>"
+
+
+def schema_from_dict(raw: object, source: str = "<schema>") -> DataSchema:
+    if not isinstance(raw, dict):
+        raise SchemaError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return DataSchema.model_validate(raw)
+    except ValidationError as err:
+        raise SchemaError(_format_validation_error(err, source, raw)) from None
+
+
+def load_schema(path: str | Path) -> DataSchema:
+    path = Path(path)
+    if not path.is_file():
+        raise SchemaError(f"{path}: schema file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SchemaError(f"{path}: not valid YAML: {err}") from None
+    return schema_from_dict(raw, str(path))
+
+
+def dump_schema(schema: DataSchema, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(schema.model_dump(mode="json"), sort_keys=False))

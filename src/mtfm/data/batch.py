@@ -1,0 +1,194 @@
+"""JaggedBatch: the one object passed from the data layer to the model.
+
+Every variable-length field is stored as flat ``values`` plus per-user ``offsets`` (length
+``B + 1``): user ``b`` owns rows ``offsets[b]:offsets[b + 1]``. Nothing is padded, and no
+scenario's columns appear in another scenario's table (alignment-free, paper section 3.1).
+
+Layout of one batch of ``B`` aggregated samples (one user, one time window each):
+
+* ``history[name]``, ``realtime[name]``: one :class:`SequenceBatch` per sequence type
+  (H and R), rows in ascending timestamp order within a user;
+* ``scenarios[name]``: one :class:`ScenarioBatch` per scenario with that scenario's own
+  user / cross / item features, labels ``[n, tasks]`` with a per-task mask, and oracle
+  probabilities (NaN when unknown); rows in ascending timestamp order within a user;
+* ``layout``: the token sequence the model will build, ``(H; R; T)`` per user (eq. 5), with a
+  Group LayerNorm group id, a token type and the timestamp of every token, and where each
+  token's features live (group + row). It is computed on the CPU by the loader so the model
+  never re-derives it.
+
+Group ids follow :meth:`mtfm.config.DataSchema.token_groups`: history types, then real-time
+types, then scenarios, in schema order. The dict order of ``history``, ``realtime`` and
+``scenarios`` is that same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+TOKEN_H, TOKEN_R, TOKEN_T = 0, 1, 2
+
+_T = TypeVar("_T")
+
+
+def _map_tensors(obj: _T, fn) -> _T:
+    """Apply ``fn`` to every tensor inside nested dataclasses / dicts / tuples."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return type(obj)(**{f.name: _map_tensors(getattr(obj, f.name), fn) for f in dataclasses.fields(obj)})
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+@dataclass
+class FeatureTensors:
+    """Encoded features of one jagged field (``n`` rows).
+
+    ``categorical``: long ``[n]`` ids; ``numeric``: float32 ``[n]`` normalised values;
+    ``multi``: for list-valued features, ``(values long [m], offsets long [n + 1])``.
+    Keys are the feature names of the schema, in schema order.
+    """
+
+    categorical: dict[str, Tensor] = field(default_factory=dict)
+    numeric: dict[str, Tensor] = field(default_factory=dict)
+    multi: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class SequenceBatch:
+    """One behaviour sequence type (H or R) for the ``B`` users of a batch."""
+
+    offsets: Tensor  # long [B + 1]
+    timestamps: Tensor  # long [n]
+    features: FeatureTensors
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.timestamps.shape[0])
+
+
+@dataclass
+class ScenarioBatch:
+    """The exposures of one scenario for the ``B`` users of a batch (one row = one T-token)."""
+
+    offsets: Tensor  # long [B + 1]
+    timestamps: Tensor  # long [n]
+    user: FeatureTensors
+    cross: FeatureTensors
+    item: FeatureTensors
+    labels: Tensor  # float32 [n, num_tasks], 0/1
+    label_mask: Tensor  # bool [n, num_tasks]; False = label not observed
+    oracle: Tensor  # float32 [n, num_tasks]; true probability, NaN when unknown
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.timestamps.shape[0])
+
+
+@dataclass
+class TokenLayout:
+    """The ``(H; R; T)`` token sequence of every user, flattened over the batch.
+
+    ``offsets`` [B + 1] delimit each user's tokens. Per token: ``group_ids`` (index into
+    ``DataSchema.token_groups()``), ``token_type`` (TOKEN_H / TOKEN_R / TOKEN_T),
+    ``timestamps``, and ``source_row``: the row inside that group's flat tensors
+    (``history[...]``, ``realtime[...]`` or ``scenarios[...]``) that the token comes from.
+    """
+
+    offsets: Tensor  # long [B + 1]
+    group_ids: Tensor  # long [N]
+    token_type: Tensor  # long [N]
+    timestamps: Tensor  # long [N]
+    source_row: Tensor  # long [N]
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+@dataclass
+class JaggedBatch:
+    user_ids: Tensor  # long [B]
+    window_start: Tensor  # long [B]
+    history: dict[str, SequenceBatch]
+    realtime: dict[str, SequenceBatch]
+    scenarios: dict[str, ScenarioBatch]
+    layout: TokenLayout
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.user_ids.shape[0])
+
+    @property
+    def num_exposures(self) -> int:
+        return sum(s.num_rows for s in self.scenarios.values())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.layout.group_ids.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "JaggedBatch":
+        return _map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "JaggedBatch":
+        return _map_tensors(self, lambda t: t.pin_memory())
+
+
+def _row_users(offsets: Tensor) -> Tensor:
+    """User index of every row, from offsets [B + 1]."""
+    counts = offsets[1:] - offsets[:-1]
+    return torch.repeat_interleave(torch.arange(counts.shape[0], dtype=torch.long), counts)
+
+
+def build_token_layout(
+    history: dict[str, SequenceBatch],
+    realtime: dict[str, SequenceBatch],
+    scenarios: dict[str, ScenarioBatch],
+    batch_size: int,
+) -> TokenLayout:
+    """Order every user's tokens as (H; R; T) (paper eq. 5).
+
+    H: all history types merged chronologically (ties: schema order of the type).
+    R: all real-time types merged chronologically. T: grouped by scenario in schema order,
+    each scenario's exposures in their stored (chronological) order.
+    Vectorised: two stable sorts over the whole batch, no Python loop over users.
+    """
+    parts = [(TOKEN_H, s) for s in history.values()] + [(TOKEN_R, s) for s in realtime.values()]
+    parts += [(TOKEN_T, s) for s in scenarios.values()]
+    if not parts:
+        raise ValueError("a batch needs at least one scenario")
+    users, types, groups, stamps, rows = [], [], [], [], []
+    for group_id, (token_type, part) in enumerate(parts):
+        n = part.num_rows
+        users.append(_row_users(part.offsets))
+        types.append(torch.full((n,), token_type, dtype=torch.long))
+        groups.append(torch.full((n,), group_id, dtype=torch.long))
+        stamps.append(part.timestamps.long())
+        rows.append(torch.arange(n, dtype=torch.long))
+    user, token_type, group_ids = torch.cat(users), torch.cat(types), torch.cat(groups)
+    timestamps, source_row = torch.cat(stamps), torch.cat(rows)
+
+    # Secondary key: time for H and R; for T keep concatenation order (scenario, stored row).
+    secondary = torch.where(token_type == TOKEN_T, torch.zeros_like(timestamps), timestamps)
+    order = torch.sort(secondary, stable=True).indices
+    primary = (user * 3 + token_type)[order]
+    order = order[torch.sort(primary, stable=True).indices]
+
+    counts = torch.bincount(user, minlength=batch_size)
+    offsets = torch.zeros(batch_size + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return TokenLayout(
+        offsets=offsets,
+        group_ids=group_ids[order],
+        token_type=token_type[order],
+        timestamps=timestamps[order],
+        source_row=source_row[order],
+    )
