@@ -1,0 +1,1 @@
+"""Baseline models behind the same interface as MTFM: ``model(batch).logits[scenario]`` and ``model.loss``."""

@@ -1,0 +1,323 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else, written atomically.
+
+A checkpoint is a directory, so a reader never sees half of one:
+
+    RUN/checkpoints/step-00000120/
+        model.safetensors        model weights (shared tensors handled by safetensors)
+        optimizer.safetensors    every optimizer's tensor state (Adam moments, steps, ...)
+        optimizer.json           every optimizer's non-tensor state (param groups, scalars)
+        rng-rank<R>.safetensors  torch (and CUDA) generator states of rank R
+        rng-rank<R>.json         numpy and Python generator states of rank R
+        state.json               training progress (epoch, batch, step, early stopping, ...)
+        config.json              what is needed to rebuild the model (arch, model config, schema)
+    RUN/checkpoints/latest.json  {"checkpoint": "step-00000120"}
+    RUN/checkpoints/best.json    {"checkpoint": "best-00000100"}  (model-only snapshot)
+
+Everything is first written into a hidden temporary directory next to its final place and
+then renamed (``os.rename`` is atomic on one filesystem); pointer files are replaced with
+``os.replace``. A run killed at any moment leaves the previous checkpoint and pointer intact.
+
+Exact resume needs every source of randomness: the model and optimizer tensors, each rank's
+RNG states, and the trainer's progress (epoch, batch index inside the epoch, step, the
+early-stopping state, the running loss sums). Under torchrun every rank writes its own RNG
+files into the same temporary directory; rank 0 writes the rest and renames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+LATEST = "latest.json"
+BEST = "best.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, or does not fit the current run."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small atomic-write helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and RNG state <-> (tensors, JSON)
+# --------------------------------------------------------------------------------------------
+
+
+def optimizer_state_to_flat(optimizers: Mapping[str, torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split optimizer state dicts into a flat tensor dict (safetensors) and a JSON tree."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, dict] = {}
+    for name, opt in optimizers.items():
+        sd = opt.state_dict()
+        state_meta: dict[str, dict] = {}
+        for pid, entry in sd["state"].items():
+            out: dict[str, Any] = {}
+            for key, value in entry.items():
+                if torch.is_tensor(value):
+                    tkey = f"{name}.{pid}.{key}"
+                    tensors[tkey] = value.detach().cpu().contiguous()
+                    out[key] = {"__tensor__": tkey}
+                else:
+                    out[key] = value
+            state_meta[str(pid)] = out
+        meta[name] = {"state": state_meta, "param_groups": sd["param_groups"]}
+    return tensors, meta
+
+
+def optimizer_state_from_flat(
+    optimizers: Mapping[str, torch.optim.Optimizer], tensors: dict[str, torch.Tensor], meta: dict, where: str
+) -> None:
+    if sorted(meta) != sorted(optimizers):
+        raise CheckpointError(f"{where}: checkpoint has optimizers {sorted(meta)}, the run has {sorted(optimizers)}")
+    for name, opt in optimizers.items():
+        state = {
+            int(pid): {k: tensors[v["__tensor__"]] if isinstance(v, dict) and "__tensor__" in v else v for k, v in entry.items()}
+            for pid, entry in meta[name]["state"].items()
+        }
+        # JSON turns tuples (Adam's betas) into lists: give them back the optimizer's own types.
+        groups = [
+            {k: tuple(v) if isinstance(current.get(k), tuple) and isinstance(v, list) else v for k, v in saved.items()}
+            for saved, current in zip(meta[name]["param_groups"], opt.param_groups)
+        ]
+        try:
+            opt.load_state_dict({"state": state, "param_groups": groups})
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{where}: optimizer {name!r} does not fit the model: {err}") from None
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
+    """Every generator a training step may draw from, as (tensors, JSON)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    meta = {
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "python": [py_version, list(py_state), py_gauss],
+    }
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    py_version, py_state, py_gauss = meta["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+
+
+# --------------------------------------------------------------------------------------------
+# The manager
+# --------------------------------------------------------------------------------------------
+
+
+def _no_barrier() -> None:
+    return None
+
+
+class CheckpointManager:
+    """Writes, lists, prunes and loads the checkpoints of one run directory.
+
+    ``barrier`` synchronises ranks (``torch.distributed.barrier`` under torchrun); rank 0
+    writes the shared parts, every rank its own RNG state.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Callable[[], None] = _no_barrier,
+        keep: int = 2,
+    ) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.rank, self.world_size, self.barrier, self.keep = rank, world_size, barrier, keep
+
+    # ---- pointers ---------------------------------------------------------------------------
+
+    def _pointer(self, name: str) -> Path | None:
+        path = self.root / name
+        if not path.is_file():
+            return None
+        target = self.root / read_json(path)["checkpoint"]
+        if not target.is_dir():
+            raise CheckpointError(f"{path}: points to {target}, which does not exist")
+        return target
+
+    def latest(self) -> Path | None:
+        """The last complete training checkpoint, or None if the run has none yet."""
+        return self._pointer(LATEST)
+
+    def best(self) -> Path | None:
+        """The best-by-validation model snapshot, or None if no epoch was evaluated yet."""
+        return self._pointer(BEST)
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def _publish(self, tmp: Path, name: str, pointer: str) -> Path:
+        """Rank 0: rename ``tmp`` to ``name`` and point ``pointer`` at it."""
+        final = self.root / name
+        old = None
+        if final.exists():  # the same step saved twice (e.g. a resumed run): swap it out
+            old = self.root / f".old-{name}-{os.getpid()}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        write_json(self.root / pointer, {"checkpoint": name})
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _fresh_tmp(self, name: str) -> Path:
+        tmp = self.root / f".tmp-{name}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        self.barrier()
+        return tmp
+
+    def save(
+        self,
+        *,
+        step: int,
+        model: nn.Module,
+        optimizers: Mapping[str, torch.optim.Optimizer],
+        state: dict,
+        config: dict,
+    ) -> Path:
+        """A full training checkpoint at ``step``; returns its directory."""
+        name = f"step-{step:08d}"
+        tmp = self._fresh_tmp(name)
+        rng_tensors, rng_meta = capture_rng()
+        save_file(rng_tensors, str(tmp / f"rng-rank{self.rank}.safetensors"))
+        (tmp / f"rng-rank{self.rank}.json").write_text(json.dumps(rng_meta))
+        if self.rank == 0:
+            save_model(model, str(tmp / "model.safetensors"))
+            opt_tensors, opt_meta = optimizer_state_to_flat(optimizers)
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+            (tmp / "state.json").write_text(json.dumps({**state, "world_size": self.world_size}, indent=2))
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        self.barrier()
+        final = self.root / name
+        if self.rank == 0:
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            final = self._publish(tmp, name, LATEST)
+            self._prune()
+        self.barrier()
+        return final
+
+    def save_best(self, *, step: int, model: nn.Module, config: dict, info: dict) -> Path:
+        """A model-only snapshot (weights + config + why it is best), pointed to by best.json."""
+        name = f"best-{step:08d}"
+        tmp = self._fresh_tmp(name)
+        final = self.root / name
+        if self.rank == 0:
+            save_model(model, str(tmp / "model.safetensors"))
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            (tmp / "state.json").write_text(json.dumps(info, indent=2))
+            previous = self.best()
+            final = self._publish(tmp, name, BEST)
+            if previous is not None and previous != final:
+                shutil.rmtree(previous, ignore_errors=True)
+        self.barrier()
+        return final
+
+    def _prune(self) -> None:
+        steps = sorted(p for p in self.root.glob("step-*") if p.is_dir())
+        latest = self.latest()
+        for p in steps[: max(0, len(steps) - self.keep)]:
+            if p != latest:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def load(self, ckpt: Path, *, model: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict:
+        """Restore model, optimizers and this rank's RNG from ``ckpt``; return the training state."""
+        state = read_json(ckpt / "state.json")
+        if state.get("world_size") != self.world_size:
+            raise CheckpointError(
+                f"{ckpt}: written by {state.get('world_size')} rank(s); resuming exactly needs the same "
+                f"number, this run has {self.world_size}"
+            )
+        load_model_weights(ckpt, model)
+        optimizer_state_from_flat(
+            optimizers, load_file(str(ckpt / "optimizer.safetensors")), read_json(ckpt / "optimizer.json"), str(ckpt)
+        )
+        rng_file = ckpt / f"rng-rank{self.rank}.safetensors"
+        if not rng_file.is_file():
+            raise CheckpointError(f"{rng_file}: missing; the checkpoint is incomplete")
+        restore_rng(load_file(str(rng_file)), read_json(ckpt / f"rng-rank{self.rank}.json"))
+        return state
+
+
+def load_model_weights(ckpt: str | Path, model: nn.Module) -> None:
+    """Load ``ckpt/model.safetensors`` into ``model``, strictly (every key, every shape)."""
+    path = Path(ckpt) / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        missing, unexpected = load_model(model, str(path), strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: does not fit the model: {err}") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
+
+
+def read_checkpoint_config(ckpt: str | Path) -> dict:
+    return read_json(Path(ckpt) / "config.json")

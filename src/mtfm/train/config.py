@@ -1,0 +1,99 @@
+"""Typed training configuration (pydantic), validated before any work starts.
+
+A bad value fails at load time naming the field, like the data schema does. Defaults follow
+the paper where it says something (Adam, lr 3e-4, section 4.1.3) and are small elsewhere so a
+CPU run is cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class TrainConfigError(ValueError):
+    """A training configuration that does not validate; the message names file and field."""
+
+
+class TrainConfig(BaseModel):
+    """How to train one model on one prepared data directory.
+
+    ``epochs`` bounds the run; ``max_steps`` (optimizer steps, counted over the whole run)
+    stops it earlier, possibly mid-epoch (a checkpoint is written there, so the run can be
+    resumed with a larger budget). Early stopping watches the mean valid GAUC over every
+    (scenario, task) with a defined GAUC, evaluated at the end of each epoch.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=64, ge=1, description="aggregated samples (users) per batch, per rank")
+    eval_batch_size: int = Field(default=256, ge=1)
+    seed: int = 0
+
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(default=3e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    embedding_optimizer: Literal["shared", "adam", "adagrad"] = Field(
+        default="shared",
+        description="shared: embeddings are trained by the dense optimizer; adam/adagrad: a separate "
+        "optimizer (with embedding_lr) for every nn.Embedding / nn.EmbeddingBag weight",
+    )
+    embedding_lr: float | None = Field(default=None, gt=0, description="None: the same as lr")
+    grad_clip: float | None = Field(default=1.0, gt=0, description="max global L2 norm of the gradients; None: off")
+    bf16: bool = Field(default=False, description="bf16 autocast for forward and loss")
+
+    patience: int | None = Field(default=2, ge=1, description="epochs without valid-GAUC gain before stopping")
+    min_delta: float = Field(default=0.0, ge=0)
+    checkpoint_every: int | None = Field(default=None, ge=1, description="also checkpoint every N steps mid-epoch")
+    keep_checkpoints: int = Field(default=2, ge=1)
+    log_every: int = Field(default=10, ge=1, description="steps between CSV log rows")
+    progress: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = True
+    prefetch: int = Field(default=2, ge=0)
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "TrainConfig":
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        return self
+
+    # Fields that may change between an interrupted run and its resumption: the budget and
+    # how the run reports itself. Everything else must match, or the resumed run would not
+    # be the same run.
+    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset(
+        {"epochs", "max_steps", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "prefetch", "patience"}
+    )
+
+
+def train_config_from_dict(raw: object, source: str = "<train config>") -> TrainConfig:
+    if not isinstance(raw, dict):
+        raise TrainConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "\n".join(f"  {'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors())
+        raise TrainConfigError(f"{source}: invalid training config ({err.error_count()} problem(s))\n{problems}") from None
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise TrainConfigError(f"{path}: training config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise TrainConfigError(f"{path}: not valid YAML: {err}") from None
+    return train_config_from_dict(raw, str(path))
+
+
+def resume_mismatches(saved: TrainConfig, requested: TrainConfig) -> list[str]:
+    """Fields that differ between a checkpoint's config and a resume request and may not."""
+    a, b = saved.model_dump(), requested.model_dump()
+    return sorted(k for k in a if k not in TrainConfig.RESUMABLE_CHANGES and a[k] != b[k])

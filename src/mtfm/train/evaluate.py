@@ -1,0 +1,177 @@
+"""Predictions -> AUC / GAUC / logloss per scenario x task, beside the oracle ceiling.
+
+The model scores every exposure of every batch; predictions are collected per scenario
+(user id, labels, label mask, probabilities, oracle probabilities), gathered across ranks
+under torchrun, and only then turned into metrics with :func:`mtfm.metrics.task_metrics`
+(AUC from scikit-learn, GAUC per user weighted by exposures, single-class users skipped and
+counted). Only exposures whose label is observed (``label_mask``) count for a task.
+
+When the data knows the true probabilities (synthetic worlds), the same metrics computed on
+the oracle probabilities of the same exposures give the ceiling any model can reach:
+``oracle_auc`` / ``oracle_gauc`` (and ``oracle_logloss``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtfm.data.batch import JaggedBatch
+from mtfm.metrics import task_metrics
+from mtfm.train.distributed import DistContext, gather_arrays
+
+Metrics = dict[str, dict[str, dict[str, float]]]  # scenario -> task -> name -> value
+
+
+@dataclass
+class ScenarioPredictions:
+    """Every scored exposure of one scenario (rows in batch order)."""
+
+    users: np.ndarray  # int64 [n]
+    labels: np.ndarray  # float32 [n, tasks]
+    mask: np.ndarray  # bool [n, tasks]
+    probs: np.ndarray  # float32 [n, tasks]
+    oracle: np.ndarray  # float32 [n, tasks], NaN when unknown
+
+    @staticmethod
+    def concat(parts: list["ScenarioPredictions"], num_tasks: int) -> "ScenarioPredictions":
+        if not parts:
+            empty2 = np.zeros((0, num_tasks), dtype=np.float32)
+            return ScenarioPredictions(np.zeros(0, np.int64), empty2, empty2.astype(bool), empty2, empty2)
+        return ScenarioPredictions(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("users", "labels", "mask", "probs", "oracle"))
+        )
+
+
+def row_user_ids(batch: JaggedBatch, offsets: torch.Tensor) -> torch.Tensor:
+    """The user id of every row of a jagged field (rows -> user via offsets)."""
+    counts = offsets[1:] - offsets[:-1]
+    return torch.repeat_interleave(batch.user_ids.to(offsets.device), counts)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    batches: Iterable[JaggedBatch],
+    device: torch.device,
+    task_names: Mapping[str, list[str]],
+    *,
+    bf16: bool = False,
+) -> dict[str, ScenarioPredictions]:
+    """Score every exposure of ``batches`` with ``model`` (eval mode; restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[ScenarioPredictions]] = {s: [] for s in task_names}
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = model(batch)
+            for name, sb in batch.scenarios.items():
+                if name not in parts:
+                    raise KeyError(f"batch has scenario {name!r}, the model knows {sorted(parts)}")
+                if sb.num_rows == 0:
+                    continue
+                logits = out.logits[name].float()
+                parts[name].append(
+                    ScenarioPredictions(
+                        users=row_user_ids(batch, sb.offsets).cpu().numpy().astype(np.int64),
+                        labels=sb.labels.float().cpu().numpy(),
+                        mask=sb.label_mask.bool().cpu().numpy(),
+                        probs=torch.sigmoid(logits).cpu().numpy(),
+                        oracle=sb.oracle.float().cpu().numpy(),
+                    )
+                )
+    finally:
+        model.train(was_training)
+    return {s: ScenarioPredictions.concat(p, len(task_names[s])) for s, p in parts.items()}
+
+
+def gather_predictions(ctx: DistContext, preds: dict[str, ScenarioPredictions]) -> dict[str, ScenarioPredictions]:
+    """Every rank's predictions on every rank (rank order), before any metric is computed."""
+    if not ctx.initialized:
+        return preds
+    out = {}
+    for name in sorted(preds):
+        p = preds[name]
+        g = gather_arrays(ctx, {f: getattr(p, f) for f in ("users", "labels", "mask", "probs", "oracle")})
+        out[name] = ScenarioPredictions(**g)
+    return {name: out[name] for name in preds}
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def compute_metrics(preds: Mapping[str, ScenarioPredictions], task_names: Mapping[str, list[str]]) -> Metrics:
+    """``{scenario: {task: {auc, gauc, logloss, exposures, positives, users_*, oracle_*}}}``.
+
+    NaN (a task with one class only) becomes ``None`` so the result is valid JSON.
+    """
+    result: Metrics = {}
+    for scenario, tasks in task_names.items():
+        p = preds[scenario]
+        result[scenario] = {}
+        for t, task in enumerate(tasks):
+            rows = p.mask[:, t]
+            users, labels, probs = p.users[rows], p.labels[rows, t], p.probs[rows, t]
+            entry = {k: _finite(v) for k, v in task_metrics(users, labels, probs).as_dict().items()}
+            oracle = p.oracle[rows, t]
+            known = ~np.isnan(oracle)
+            if known.any():
+                om = task_metrics(users[known], labels[known], oracle[known])
+                entry.update(oracle_auc=_finite(om.auc), oracle_gauc=_finite(om.gauc), oracle_logloss=_finite(om.logloss))
+                if not known.all():
+                    entry["oracle_exposures"] = int(known.sum())
+            result[scenario][task] = entry
+    return result
+
+
+def mean_gauc(metrics: Metrics) -> float | None:
+    """The early-stopping score: mean GAUC over every (scenario, task) where it is defined."""
+    values = [m["gauc"] for tasks in metrics.values() for m in tasks.values() if m.get("gauc") is not None]
+    return float(np.mean(values)) if values else None
+
+
+def gap_closed(model: float | None, baseline: float | None, oracle: float | None) -> float | None:
+    """Fraction of the baseline -> oracle gap the model closes (1 = reaches the oracle)."""
+    if model is None or baseline is None or oracle is None or oracle == baseline:
+        return None
+    return (model - baseline) / (oracle - baseline)
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def format_table(metrics: Metrics, baseline: Metrics | None = None, baseline_name: str = "LR") -> str:
+    """Markdown table, one row per scenario x task; oracle and baseline columns when known."""
+    has_oracle = any("oracle_auc" in m for tasks in metrics.values() for m in tasks.values())
+    head = ["scenario", "task", "exposures", "positives", "AUC", "GAUC", "logloss"]
+    if baseline is not None:
+        head += [f"{baseline_name} AUC", f"{baseline_name} GAUC"]
+    if has_oracle:
+        head += ["oracle AUC", "oracle GAUC"]
+    if baseline is not None and has_oracle:
+        head += ["GAUC gap closed"]
+    head += ["users skipped (1 class)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for scenario, tasks in metrics.items():
+        for task, m in tasks.items():
+            row = [scenario, task, str(m["exposures"]), str(m["positives"]), _fmt(m["auc"]), _fmt(m["gauc"]), _fmt(m["logloss"])]
+            b = baseline.get(scenario, {}).get(task) if baseline is not None else None
+            if baseline is not None:
+                row += [_fmt(b and b["auc"]), _fmt(b and b["gauc"])]
+            if has_oracle:
+                row += [_fmt(m.get("oracle_auc")), _fmt(m.get("oracle_gauc"))]
+            if baseline is not None and has_oracle:
+                closed = gap_closed(m["gauc"], b and b["gauc"], m.get("oracle_gauc"))
+                row += ["-" if closed is None else f"{100 * closed:.0f}%"]
+            row.append(f"{m['users_skipped_single_class']} of {m['users_scored'] + m['users_skipped_single_class']}")
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
