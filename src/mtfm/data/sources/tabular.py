@@ -148,7 +148,6 @@ def _read_text(
             infer_schema=False,
             encoding=encoding,
             quote_char=quote_char,
-            missing_utf8_is_empty_string=False,
         )
     except (pl.exceptions.PolarsError, UnicodeDecodeError) as err:
         raise SourceFileError(f"{path}: cannot be parsed as a '{separator}'-separated file: {err}") from None
