@@ -1,0 +1,135 @@
+"""What every attention backend receives: the batch's token metadata and the attention constants.
+
+An attention call computes, for a set of query tokens, HSTU attention (paper eq. 8 / 15)
+
+    A[q, h] = sum_k  M[q, k] * SiLU(alpha * <Q[q, h], K[k, g(h)]> + bias_h(t_q - t_k)) / n * V[k, g(h)]
+
+with ``g(h) = h // (H / G)`` (grouped-query attention: ``H / G`` query heads share one key/value
+group), ``M`` the dynamic mask (:mod:`mtfm.model.mask`), ``alpha = 1 / sqrt(head_dim)`` and
+``n`` a constant from the config (never the batch's longest sequence, so that a user's output
+does not depend on which users share the batch).
+
+Keys and values are given for *all* N tokens of the batch (flat, in ``TokenLayout`` order);
+queries are a subset (:class:`QuerySet`): every token for a full-attention layer, the T-tokens
+for a target-attention layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from mtfm.data.batch import TOKEN_T, TokenLayout
+
+QueryKind = Literal["all", "target"]
+
+
+@dataclass(frozen=True)
+class QuerySet:
+    """Query tokens: flat token positions ``index`` [Nq], grouped by user (``offsets`` [B + 1])."""
+
+    index: Tensor
+    offsets: Tensor
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.index.shape[0])
+
+
+@dataclass
+class AttentionLayout:
+    """Token metadata of one batch, shared by every layer of one forward pass.
+
+    Backends may cache per-batch plans in ``cache`` (for instance the jagged backend's user
+    buckets and masks), so they are built once per forward and reused by all layers.
+    """
+
+    offsets: Tensor  # long [B + 1]
+    token_type: Tensor  # long [N]
+    timestamps: Tensor  # long [N]
+    user: Tensor  # long [N]: user of each token
+    cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_token_layout(cls, layout: TokenLayout) -> "AttentionLayout":
+        lengths = layout.offsets[1:] - layout.offsets[:-1]
+        user = torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device), lengths)
+        return cls(layout.offsets, layout.token_type, layout.timestamps, user)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.offsets.shape[0]) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_type.shape[0])
+
+    def _subset(self, keep: Tensor) -> QuerySet:
+        index = torch.nonzero(keep).flatten()
+        counts = torch.bincount(self.user[index], minlength=self.batch_size)
+        offsets = torch.zeros(self.batch_size + 1, dtype=torch.long, device=index.device)
+        offsets[1:] = torch.cumsum(counts, 0)
+        return QuerySet(index, offsets)
+
+    def queries(self, kind: QueryKind) -> QuerySet:
+        """All tokens (full layer) or the T-tokens (target layer), cached."""
+        key = ("queries", kind)
+        if key not in self.cache:
+            if kind == "all":
+                index = torch.arange(self.num_tokens, device=self.token_type.device)
+                self.cache[key] = QuerySet(index, self.offsets)
+            elif kind == "target":
+                self.cache[key] = self._subset(self.token_type == TOKEN_T)
+            else:
+                raise ValueError(f"unknown query kind {kind!r}; expected 'all' or 'target'")
+        return self.cache[key]
+
+    def context(self) -> QuerySet:
+        """The non-T tokens of every user: the only keys any token attends to besides itself."""
+        key = ("context",)
+        if key not in self.cache:
+            self.cache[key] = self._subset(self.token_type != TOKEN_T)
+        return self.cache[key]
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    """Constants and learned bias of one attention call.
+
+    ``time_bias``: ``[H, num_buckets]`` learned table (or None); ``norm``: ``1 / n``;
+    ``padding_slack``: how much padding the jagged backend may spend per bucket (others ignore it).
+    """
+
+    alpha: float
+    norm: float
+    num_kv_groups: int
+    time_bias: Tensor | None = None
+    padding_slack: float = 0.25
+
+
+def time_buckets(dt: Tensor, num_buckets: int) -> Tensor:
+    """Log2 time-gap bucket: ``min(floor(log2(1 + |dt|)), num_buckets - 1)`` (float64: exact for ms clocks)."""
+    gap = dt.abs().to(torch.float64)
+    return torch.floor(torch.log2(gap + 1.0)).long().clamp_(max=num_buckets - 1)
+
+
+def check_shapes(q: Tensor, k: Tensor, v: Tensor, queries: QuerySet, layout: AttentionLayout, params: AttentionParams) -> None:
+    """Shape contract shared by the backends: a wrong call fails with the shapes it got."""
+    n = layout.num_tokens
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"attention: q, k, v must be [rows, heads, dim], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[0] != queries.num_queries or k.shape[0] != n or v.shape[0] != n:
+        raise ValueError(
+            f"attention: {queries.num_queries} queries and {n} tokens expected, got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    heads, groups = q.shape[1], k.shape[1]
+    if groups != params.num_kv_groups or v.shape[1] != groups or heads % groups != 0:
+        raise ValueError(f"attention: {heads} query heads and {groups} key/value groups (expected G = {params.num_kv_groups} dividing H)")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"attention: query width {q.shape[2]} != key width {k.shape[2]}")
+    if params.time_bias is not None and params.time_bias.shape[0] != heads:
+        raise ValueError(f"attention: time bias has {params.time_bias.shape[0]} heads, queries have {heads}")

@@ -1,0 +1,67 @@
+"""Plain PyTorch HSTU attention with GQA: the truth every faster backend is tested against.
+
+Deliberately the most literal form of paper eq. 8 / 15: pad every user's queries and keys to
+the batch maximum, build the dense ``[B, Lq, Lk]`` mask from the rule in
+:mod:`mtfm.model.mask` (over *all* tokens, T-tokens included), repeat each key/value group for
+its ``H / G`` query heads, and compute ``SiLU(alpha Q K^T + bias) * M / n`` times ``V``.
+It pays for padding and for the always-masked T columns; that is the point: nothing clever.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mtfm.kernels.common import AttentionLayout, AttentionParams, QuerySet, check_shapes, time_buckets
+from mtfm.model.mask import visible
+
+
+def _pad(values: Tensor, user: Tensor, pos: Tensor, batch: int, length: int) -> Tensor:
+    """Scatter rows ``values[i]`` to ``[user[i], pos[i]]`` of a zero ``[batch, length, ...]`` tensor."""
+    out = values.new_zeros((batch, length, *values.shape[1:]))
+    return out.index_put((user, pos), values)
+
+
+def reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, queries: QuerySet, layout: AttentionLayout, params: AttentionParams
+) -> Tensor:
+    """``[Nq, H, dv]`` attention output of the query tokens (see :mod:`mtfm.kernels.common`)."""
+    check_shapes(q, k, v, queries, layout, params)
+    batch, heads, groups = layout.batch_size, q.shape[1], k.shape[1]
+    if queries.num_queries == 0:
+        return q.new_zeros((0, heads, v.shape[2]))
+
+    # Keys: every token of the user, padded.
+    k_user = layout.user
+    k_pos = torch.arange(layout.num_tokens, device=k.device) - layout.offsets[k_user]
+    k_len = int((layout.offsets[1:] - layout.offsets[:-1]).max())
+    flat = torch.arange(layout.num_tokens, device=k.device)
+    kp, vp = _pad(k, k_user, k_pos, batch, k_len), _pad(v, k_user, k_pos, batch, k_len)
+    k_valid = _pad(torch.ones_like(flat, dtype=torch.bool), k_user, k_pos, batch, k_len)
+    k_type = _pad(layout.token_type, k_user, k_pos, batch, k_len)
+    k_time = _pad(layout.timestamps, k_user, k_pos, batch, k_len)
+    k_flat = _pad(flat, k_user, k_pos, batch, k_len)
+
+    # Queries, padded the same way.
+    q_user = layout.user[queries.index]
+    q_pos = torch.arange(queries.num_queries, device=q.device) - queries.offsets[q_user]
+    q_len = int((queries.offsets[1:] - queries.offsets[:-1]).max())
+    qp = _pad(q, q_user, q_pos, batch, q_len)
+    q_valid = _pad(torch.ones_like(queries.index, dtype=torch.bool), q_user, q_pos, batch, q_len)
+    q_time = _pad(layout.timestamps[queries.index], q_user, q_pos, batch, q_len)
+    q_flat = _pad(queries.index, q_user, q_pos, batch, q_len)
+
+    mask = visible(q_time[:, :, None], q_flat[:, :, None], k_type[:, None, :], k_time[:, None, :], k_flat[:, None, :])
+    mask = mask & q_valid[:, :, None] & k_valid[:, None, :]  # [B, Lq, Lk]
+
+    # GQA by repeating each key/value group for its H / G query heads (head h uses group h // r).
+    r = heads // groups
+    kh, vh = kp.repeat_interleave(r, dim=2), vp.repeat_interleave(r, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", qp, kh) * params.alpha
+    if params.time_bias is not None:
+        bucket = time_buckets(q_time[:, :, None] - k_time[:, None, :], params.time_bias.shape[1])
+        scores = scores + params.time_bias[:, bucket].permute(1, 0, 2, 3)
+    weights = torch.where(mask[:, None], F.silu(scores), torch.zeros_like(scores)) * params.norm
+    out = torch.einsum("bhqk,bkhd->bqhd", weights, vh)
+    return out[q_user, q_pos]

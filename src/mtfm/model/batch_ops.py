@@ -1,0 +1,98 @@
+"""Operations that derive a new :class:`~mtfm.data.batch.JaggedBatch` from another one.
+
+Used to feed a scenario subgraph from a multi-scenario batch (:func:`restrict_batch`), to
+score a subset of users (:func:`select_users`, e.g. micro-batched inference), and to reorder
+a scenario's exposures (:func:`reorder_scenario_rows`). Each result gets a fresh
+``TokenLayout`` from :func:`~mtfm.data.batch.build_token_layout`, so it is exactly what the
+loader would have produced for that content.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mtfm.data.batch import FeatureTensors, JaggedBatch, ScenarioBatch, SequenceBatch, build_token_layout
+
+
+def take_feature_rows(features: FeatureTensors, rows: Tensor) -> FeatureTensors:
+    """The given rows (in that order) of every feature, list-valued ones included."""
+    multi: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, (values, offsets) in features.multi.items():
+        starts, lengths = offsets[:-1][rows], (offsets[1:] - offsets[:-1])[rows]
+        new_offsets = torch.zeros(rows.shape[0] + 1, dtype=torch.long, device=offsets.device)
+        new_offsets[1:] = torch.cumsum(lengths, 0)
+        within = torch.arange(int(new_offsets[-1]), device=offsets.device) - torch.repeat_interleave(new_offsets[:-1], lengths)
+        multi[name] = (values[torch.repeat_interleave(starts, lengths) + within], new_offsets)
+    return FeatureTensors(
+        categorical={k: v[rows] for k, v in features.categorical.items()},
+        numeric={k: v[rows] for k, v in features.numeric.items()},
+        multi=multi,
+    )
+
+
+def _user_rows(offsets: Tensor, users: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of ``users`` (in that order) and the new offsets."""
+    lengths = (offsets[1:] - offsets[:-1])[users]
+    new_offsets = torch.zeros(users.shape[0] + 1, dtype=torch.long, device=offsets.device)
+    new_offsets[1:] = torch.cumsum(lengths, 0)
+    within = torch.arange(int(new_offsets[-1]), device=offsets.device) - torch.repeat_interleave(new_offsets[:-1], lengths)
+    return torch.repeat_interleave(offsets[:-1][users], lengths) + within, new_offsets
+
+
+def _take_sequence(seq: SequenceBatch, rows: Tensor, offsets: Tensor) -> SequenceBatch:
+    return SequenceBatch(offsets, seq.timestamps[rows], take_feature_rows(seq.features, rows))
+
+
+def _take_scenario(sc: ScenarioBatch, rows: Tensor, offsets: Tensor) -> ScenarioBatch:
+    return ScenarioBatch(
+        offsets=offsets,
+        timestamps=sc.timestamps[rows],
+        user=take_feature_rows(sc.user, rows),
+        cross=take_feature_rows(sc.cross, rows),
+        item=take_feature_rows(sc.item, rows),
+        labels=sc.labels[rows],
+        label_mask=sc.label_mask[rows],
+        oracle=sc.oracle[rows],
+    )
+
+
+def _rebuild(batch: JaggedBatch, history, realtime, scenarios, user_ids: Tensor, window_start: Tensor) -> JaggedBatch:
+    layout = build_token_layout(history, realtime, scenarios, int(user_ids.shape[0]))
+    return JaggedBatch(user_ids, window_start, history, realtime, scenarios, layout)
+
+
+def restrict_batch(batch: JaggedBatch, scenario_names: list[str]) -> JaggedBatch:
+    """The same users with only the named scenarios' exposures (e.g. the input of a subgraph)."""
+    unknown = [n for n in scenario_names if n not in batch.scenarios]
+    if unknown:
+        raise KeyError(f"the batch has no scenario(s) {unknown}; it has {list(batch.scenarios)}")
+    scenarios = {n: s for n, s in batch.scenarios.items() if n in scenario_names}
+    return _rebuild(batch, dict(batch.history), dict(batch.realtime), scenarios, batch.user_ids, batch.window_start)
+
+
+def select_users(batch: JaggedBatch, users: list[int] | Tensor) -> JaggedBatch:
+    """A batch of the given users (positions in ``batch``), in the given order."""
+    idx = torch.as_tensor(users, dtype=torch.long, device=batch.user_ids.device)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= batch.batch_size):
+        raise IndexError(f"user positions must lie in [0, {batch.batch_size}), got {idx.tolist()}")
+
+    def seq(s: SequenceBatch) -> SequenceBatch:
+        return _take_sequence(s, *_user_rows(s.offsets, idx))
+
+    history = {n: seq(s) for n, s in batch.history.items()}
+    realtime = {n: seq(s) for n, s in batch.realtime.items()}
+    scenarios = {n: _take_scenario(s, *_user_rows(s.offsets, idx)) for n, s in batch.scenarios.items()}
+    return _rebuild(batch, history, realtime, scenarios, batch.user_ids[idx], batch.window_start[idx])
+
+
+def reorder_scenario_rows(batch: JaggedBatch, name: str, order: Tensor) -> JaggedBatch:
+    """Scenario ``name``'s rows taken in ``order`` (a permutation that keeps every row with its user)."""
+    sc = batch.scenarios[name]
+    order = torch.as_tensor(order, dtype=torch.long)
+    user_of_row = torch.repeat_interleave(torch.arange(batch.batch_size), sc.offsets[1:] - sc.offsets[:-1])
+    if sorted(order.tolist()) != list(range(sc.num_rows)) or not torch.equal(user_of_row[order], user_of_row):
+        raise ValueError(f"scenario {name!r}: order must permute rows within each user")
+    scenarios = dict(batch.scenarios)
+    scenarios[name] = _take_scenario(sc, order, sc.offsets)
+    return _rebuild(batch, dict(batch.history), dict(batch.realtime), scenarios, batch.user_ids, batch.window_start)

@@ -1,0 +1,190 @@
+"""Typed model configuration (pydantic), validated before any weight is created.
+
+A model is fully described by the data schema (which tokens exist, which features they carry)
+plus this config (how big the network is and how it is wired). Presets live in
+``src/mtfm/configs/model_*.yaml``; :func:`load_model_config` accepts a file path or a preset
+name (``"small"`` -> ``model_small.yaml``). Errors name the file and the field.
+
+The HTA stack is ``(K:P)xB``: ``blocks`` (B) blocks, each made of ``target_layers_per_block``
+(K) target-attention layers followed by ``full_layers_per_block`` (P) full-attention layers
+(paper section 3.2.2 uses P = 1; the ablation configurations are written with P as well, e.g.
+full attention only is ``(0:16)x1``). :func:`parse_hta` turns that notation into the three
+numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+AttentionBackend = Literal["reference", "jagged"]
+
+
+class ModelConfigError(ValueError):
+    """A model configuration that does not validate; the message names file and field."""
+
+
+class ModelConfig(BaseModel):
+    """Size and wiring of one MTFM model (paper section 3.2).
+
+    Defaults are a small CPU model; ``model_paper.yaml`` holds the paper's d_model = 768,
+    B = 4, K = 3, H = 3, G = 1.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # ---- backbone --------------------------------------------------------------------------
+    d_model: int = Field(default=64, gt=0, description="token width after the tokenizers")
+    num_heads: int = Field(default=2, gt=0, description="H: query heads")
+    num_kv_groups: int = Field(default=1, gt=0, description="G: key/value heads (GQA); must divide H")
+    head_dim: int | None = Field(
+        default=None, gt=0, description="per-head width of Q, K, V; None: d_model // num_heads"
+    )
+    blocks: int = Field(default=4, gt=0, description="B: HTA blocks")
+    target_layers_per_block: int = Field(default=3, ge=0, description="K: target-attention layers per block")
+    full_layers_per_block: int = Field(default=1, ge=0, description="P: full-attention layers per block")
+    fuse_target_kv: bool = Field(
+        default=True,
+        description="compute the non-T key/value projections of a block's K target layers in one "
+        "batched matmul (they all see the same non-T tokens)",
+    )
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    layer_norm_eps: float = Field(default=1e-6, gt=0)
+
+    # ---- attention -------------------------------------------------------------------------
+    attention_backend: AttentionBackend = Field(
+        default="jagged", description="reference: padded dense mask (the truth); jagged: per-user blocks"
+    )
+    attention_norm_len: int = Field(
+        default=256,
+        gt=0,
+        description="fixed n in SiLU(QK^T) / n (HSTU divides by the max sequence length; a constant "
+        "here so a user's output does not depend on which users share the batch)",
+    )
+    relative_time_bias: bool = Field(default=False, description="learned bias per head and log2 time-gap bucket")
+    time_bias_buckets: int = Field(default=32, gt=1, description="bucket = min(floor(log2(1 + |dt|)), buckets - 1)")
+    jagged_padding_slack: float = Field(
+        default=0.25, ge=0.0, description="jagged backend: a bucket of users may waste at most this share on padding"
+    )
+
+    # ---- embeddings and tokenizers -----------------------------------------------------------
+    embedding_dim: int = Field(default=16, gt=0, description="embedding width of features that do not set one")
+    numeric_dim: int = Field(default=4, gt=0, description="width of each numeric feature's encoder")
+    share_embeddings_by_name: bool = Field(
+        default=True,
+        description="features with the same name and the same id encoding (e.g. item_id in a history "
+        "sequence and in a scenario's item features) share one embedding table",
+    )
+    tokenizer_hidden: list[int] = Field(default_factory=lambda: [128], description="hidden widths of each tokenizer MLP")
+
+    # ---- MMoE head ---------------------------------------------------------------------------
+    final_norm: bool = Field(default=True, description="Group LayerNorm on the final T-tokens before the MMoE")
+    mmoe_num_experts: int = Field(default=4, gt=0)
+    mmoe_expert_hidden: list[int] = Field(default_factory=lambda: [128])
+    mmoe_expert_dim: int = Field(default=64, gt=0, description="output width of each shared expert")
+    mmoe_tower_hidden: list[int] = Field(default_factory=lambda: [32])
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelConfig":
+        if self.num_heads % self.num_kv_groups != 0:
+            raise ValueError(
+                f"num_kv_groups ({self.num_kv_groups}) must divide num_heads ({self.num_heads})"
+            )
+        if self.head_dim is None and self.d_model % self.num_heads != 0:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}) "
+                "unless head_dim is set"
+            )
+        if self.target_layers_per_block + self.full_layers_per_block == 0:
+            raise ValueError("a block needs at least one layer: target_layers_per_block + full_layers_per_block >= 1")
+        for name in ("tokenizer_hidden", "mmoe_expert_hidden", "mmoe_tower_hidden"):
+            bad = [w for w in getattr(self, name) if w <= 0]
+            if bad:
+                raise ValueError(f"{name} widths must be positive, got {getattr(self, name)}")
+        return self
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+    @property
+    def num_layers(self) -> int:
+        return self.blocks * (self.target_layers_per_block + self.full_layers_per_block)
+
+    @property
+    def hta(self) -> str:
+        """The stack in the paper's notation, e.g. ``(3:1)x4``."""
+        return f"({self.target_layers_per_block}:{self.full_layers_per_block})x{self.blocks}"
+
+    def with_hta(self, spec: str) -> "ModelConfig":
+        """The same config with another ``(K:P)xB`` stack (for the HTA ablation)."""
+        k, p, b = parse_hta(spec)
+        return self.model_copy(update={"target_layers_per_block": k, "full_layers_per_block": p, "blocks": b})
+
+
+_HTA_RE = re.compile(r"^\(\s*(\d+)\s*:\s*(\d+)\s*\)\s*[xX]\s*(\d+)$")
+
+
+def parse_hta(spec: str) -> tuple[int, int, int]:
+    """``"(3:1)x4"`` -> ``(K=3, P=1, B=4)``; the paper's ablation notation (Table 3)."""
+    m = _HTA_RE.match(spec.strip())
+    if not m:
+        raise ModelConfigError(f"HTA spec {spec!r}: expected '(K:P)xB', e.g. '(3:1)x4'")
+    k, p, b = (int(g) for g in m.groups())
+    if b == 0 or k + p == 0:
+        raise ModelConfigError(f"HTA spec {spec!r}: needs B >= 1 and K + P >= 1")
+    return k, p, b
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid model config ({err.error_count()} problem(s))"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {path}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def model_config_from_dict(raw: object, source: str = "<model config>") -> ModelConfig:
+    if not isinstance(raw, dict):
+        raise ModelConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return ModelConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ModelConfigError(_format_error(err, source)) from None
+
+
+def preset_names() -> list[str]:
+    """Names of the model presets shipped in ``mtfm/configs`` (``model_<name>.yaml``)."""
+    root = resources.files("mtfm") / "configs"
+    return sorted(p.name[len("model_") : -len(".yaml")] for p in root.iterdir() if p.name.startswith("model_") and p.name.endswith(".yaml"))
+
+
+def _resolve(path_or_preset: str | Path) -> Path:
+    path = Path(path_or_preset)
+    if path.is_file():
+        return path
+    if isinstance(path_or_preset, str) and re.fullmatch(r"[A-Za-z0-9_]+", path_or_preset):
+        preset = Path(str(resources.files("mtfm") / "configs" / f"model_{path_or_preset}.yaml"))
+        if preset.is_file():
+            return preset
+        raise ModelConfigError(f"{path_or_preset}: no such file and no such preset (presets: {preset_names()})")
+    raise ModelConfigError(f"{path}: model config file not found")
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Read and validate a model config YAML (a path, or a preset name such as ``"small"``)."""
+    file = _resolve(path)
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        raise ModelConfigError(f"{file}: not valid YAML: {err}") from None
+    return model_config_from_dict(raw, str(file))
+
+
+def dump_model_config(config: ModelConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,190 @@
+"""Feature embeddings: categorical lookups, pooled multi-valued lookups, numeric encoders.
+
+One :class:`FeatureEmbeddings` owns every table of a model, so each weight has exactly one
+owner (checkpoints stay free of aliased tensors and a sharded collection such as torchrec's
+``EmbeddingCollection`` can replace it behind the same ``embed(field, features)`` call).
+
+A *field* is one place features come from: a history type (``H:<name>``), a real-time type
+(``R:<name>``) or one part of a scenario (``T:<scenario>:user|cross|item``). Features map to
+tables; with ``share_embeddings_by_name`` two features with the same name and the same id
+encoding (same ids space and width, e.g. ``item_id`` in a history sequence and in a scenario's
+item features) read the same table, so a target item and the same item in the history start
+from one vector. Numeric features (normalised at prepare time) each get a small linear encoder.
+
+Bad ids are never clipped: an id outside ``[0, cardinality)`` is an error naming the field,
+feature and row.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtfm.config import CategoricalFeature, Feature, MultiCategoricalFeature, NumericFeature
+from mtfm.data.batch import FeatureTensors
+
+
+def module_key(*parts: str) -> str:
+    """A ``ModuleDict`` key from names that may hold any character ("." is not allowed there)."""
+    return "__".join(re.sub(r"[^A-Za-z0-9_]", "_", p) for p in parts)
+
+
+def _encoding(feature: CategoricalFeature | MultiCategoricalFeature, dim: int) -> tuple:
+    vocab = tuple(map(str, feature.vocabulary)) if feature.vocabulary is not None else None
+    return (feature.num_embeddings, vocab, feature.hash_buckets, dim)
+
+
+def describe_field(field: str) -> str:
+    """``T:HP:item`` -> ``scenario 'HP' item features`` (for error messages)."""
+    kind, _, rest = field.partition(":")
+    if kind == "H":
+        return f"history sequence {rest!r}"
+    if kind == "R":
+        return f"real-time sequence {rest!r}"
+    scenario, _, part = rest.partition(":")
+    return f"scenario {scenario!r} {part} features"
+
+
+class FeatureEmbeddings(nn.Module):
+    """All embedding tables and numeric encoders of a model, addressed by field."""
+
+    def __init__(self, fields: dict[str, list[Feature]], embedding_dim: int, numeric_dim: int, share_by_name: bool) -> None:
+        super().__init__()
+        empty = [f for f, features in fields.items() if not features]
+        if empty:
+            raise ValueError(f"embedding fields without features: {empty} (leave them out instead)")
+        self.fields = {f: list(features) for f, features in fields.items()}
+        self.numeric_dim = numeric_dim
+        self.tables = nn.ModuleDict()
+        self.numeric = nn.ModuleDict()
+        self.table_of: dict[tuple[str, str], str] = {}
+        by_encoding: dict[tuple, str] = {}
+        for field, features in self.fields.items():
+            for feat in features:
+                if isinstance(feat, NumericFeature):
+                    self.numeric[module_key(field, feat.name)] = nn.Linear(1, numeric_dim)
+                    continue
+                dim = feat.embedding_dim or embedding_dim
+                share = (feat.name, _encoding(feat, dim))
+                if share_by_name and share in by_encoding:
+                    self.table_of[(field, feat.name)] = by_encoding[share]
+                    continue
+                key = module_key(feat.name) if share_by_name else module_key(field, feat.name)
+                while key in self.tables:  # same name, different encoding: a table of its own
+                    key += "_"
+                self.tables[key] = nn.Embedding(feat.cardinality, dim)
+                nn.init.normal_(self.tables[key].weight, std=0.05)
+                self.table_of[(field, feat.name)] = key
+                by_encoding[share] = key
+
+    def out_dim(self, field: str) -> int:
+        """Width of ``embed(field, ...)``: the concatenation of the field's feature vectors."""
+        total = 0
+        for feat in self.fields[field]:
+            if isinstance(feat, NumericFeature):
+                total += self.numeric_dim
+            else:
+                total += self.tables[self.table_of[(field, feat.name)]].embedding_dim
+        return total
+
+    def embed(self, field: str, features: FeatureTensors, num_rows: int) -> Tensor:
+        """``[num_rows, out_dim(field)]``: every feature of the field, in schema order, concatenated."""
+        where = describe_field(field)
+        check_columns(where, self.fields[field], features)
+        parts: list[Tensor] = []
+        for feat in self.fields[field]:
+            if isinstance(feat, NumericFeature):
+                x = _checked_numeric(where, feat.name, features.numeric[feat.name], num_rows)
+                parts.append(self.numeric[module_key(field, feat.name)](x[:, None]))
+                continue
+            table: nn.Embedding = self.tables[self.table_of[(field, feat.name)]]
+            if isinstance(feat, MultiCategoricalFeature):
+                values, offsets = features.multi[feat.name]
+                _check_bags(where, feat.name, values, offsets, num_rows)
+                _check_ids(where, feat.name, values, feat.cardinality)
+                parts.append(F.embedding_bag(values, table.weight, offsets, mode=feat.pooling, include_last_offset=True))
+            else:
+                ids = features.categorical[feat.name]
+                _check_rows(where, feat.name, ids, num_rows)
+                _check_ids(where, feat.name, ids, feat.cardinality)
+                parts.append(table(ids))
+        return torch.cat(parts, dim=1)
+
+    def subset(self, fields: list[str]) -> "FeatureEmbeddings":
+        """A collection over ``fields`` only that shares (does not copy) the tables and encoders it needs."""
+        unknown = [f for f in fields if f not in self.fields]
+        if unknown:
+            raise KeyError(f"unknown embedding fields {unknown}; known: {sorted(self.fields)}")
+        new = FeatureEmbeddings.__new__(FeatureEmbeddings)
+        nn.Module.__init__(new)
+        new.fields = {f: self.fields[f] for f in fields}
+        new.numeric_dim = self.numeric_dim
+        new.table_of = {k: v for k, v in self.table_of.items() if k[0] in new.fields}
+        new.tables = nn.ModuleDict({key: self.tables[key] for key in dict.fromkeys(new.table_of.values())})
+        new.numeric = nn.ModuleDict(
+            {module_key(f, feat.name): self.numeric[module_key(f, feat.name)]
+             for f in fields for feat in self.fields[f] if isinstance(feat, NumericFeature)}
+        )
+        return new
+
+
+def check_columns(where: str, features: list[Feature], given: FeatureTensors) -> None:
+    """The batch must carry exactly the schema's features of this field, each under its kind."""
+    want = {
+        "categorical": [f.name for f in features if isinstance(f, CategoricalFeature)],
+        "numeric": [f.name for f in features if isinstance(f, NumericFeature)],
+        "multi": [f.name for f in features if isinstance(f, MultiCategoricalFeature)],
+    }
+    for kind, names in want.items():
+        have = getattr(given, kind)
+        missing = [n for n in names if n not in have]
+        extra = [n for n in have if n not in names]
+        if missing or extra:
+            raise ValueError(
+                f"{where}: {kind} features in the batch {sorted(have)} do not match the schema's {names}"
+                + (f"; missing {missing}" if missing else "")
+                + (f"; not in the schema {extra}" if extra else "")
+            )
+
+
+def _check_rows(where: str, name: str, values: Tensor, num_rows: int) -> None:
+    if values.dim() != 1 or values.shape[0] != num_rows:
+        raise ValueError(f"{where}: feature {name!r} has shape {tuple(values.shape)}, expected [{num_rows}]")
+
+
+def _check_ids(where: str, name: str, ids: Tensor, cardinality: int) -> None:
+    if ids.numel() == 0:
+        return
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{where}: feature {name!r} ids must be integers, got {ids.dtype}")
+    bad = (ids < 0) | (ids >= cardinality)
+    if bool(bad.any()):
+        row = int(torch.nonzero(bad)[0])
+        raise ValueError(
+            f"{where}: feature {name!r}: id {int(ids[row])} at row {row} is outside [0, {cardinality})"
+        )
+
+
+def _check_bags(where: str, name: str, values: Tensor, offsets: Tensor, num_rows: int) -> None:
+    if offsets.dim() != 1 or offsets.shape[0] != num_rows + 1:
+        raise ValueError(f"{where}: feature {name!r} offsets have shape {tuple(offsets.shape)}, expected [{num_rows + 1}]")
+    if (int(offsets[0]) != 0 or int(offsets[-1]) != values.shape[0]):
+        raise ValueError(
+            f"{where}: feature {name!r} offsets must run from 0 to {values.shape[0]} (the number of values), "
+            f"got {int(offsets[0])}..{int(offsets[-1])}"
+        )
+    if num_rows > 0 and bool((offsets[1:] < offsets[:-1]).any()):
+        row = int(torch.nonzero(offsets[1:] < offsets[:-1])[0])
+        raise ValueError(f"{where}: feature {name!r} offsets decrease at row {row}")
+
+
+def _checked_numeric(where: str, name: str, values: Tensor, num_rows: int) -> Tensor:
+    _check_rows(where, name, values, num_rows)
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        row = int(torch.nonzero(bad)[0])
+        raise ValueError(f"{where}: numeric feature {name!r} is {float(values[row])} at row {row}; expected a finite number")
+    return values.float()

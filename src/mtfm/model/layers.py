@@ -1,0 +1,231 @@
+"""Building blocks: MLP, Group LayerNorm, and the full / target HSTU attention layers with GQA.
+
+Full attention layer (paper eq. 6-10), over all N tokens of every user::
+
+    X~ = GLN(X);  U, Q_1..Q_H, K_1..K_G, V_1..V_G = split(SiLU(f1(X~)))
+    A_h = SiLU(alpha Q_h K_g(h)^T + bias) * M / n  V_g(h)
+    X' = f2(GLN(A) * U) + X
+
+Target attention layer (eq. 11-18): the same, but only T-tokens are queried and updated:
+``U_T, Q_T`` come from the T rows (``f_uq``), keys and values from *all* tokens (``f_kv``), and
+non-T tokens pass through unchanged. The paper's eq. 14 writes ``X~_T`` as the input of
+``f_kv``, but its mask ``M_T = M[L_H + L_R:]`` has N columns and a T-token may only see
+itself among the T-tokens, so keys restricted to T-tokens would make the layer a per-token
+MLP. We read eq. 14 as a typo: keys and values cover all tokens (``X~``).
+
+Every layer can be narrowed to a subset of token groups (:meth:`subset`) for a scenario
+subgraph: the narrowed layer shares all weights and only holds the LayerNorm parameters of the
+groups it keeps.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtfm.kernels import AttentionLayout, AttentionParams, hstu_attention
+from mtfm.model.config import ModelConfig
+from mtfm.model.embedding import module_key
+
+
+class MLP(nn.Sequential):
+    """``Linear -> SiLU -> Dropout`` per hidden width, then a final ``Linear`` to ``out_dim``."""
+
+    def __init__(self, in_dim: int, hidden: list[int], out_dim: int, dropout: float = 0.0) -> None:
+        layers: list[nn.Module] = []
+        width = in_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.SiLU(), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, out_dim))
+        super().__init__(*layers)
+
+
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object sharing every parameter and submodule (its own registries, so
+    replacing a submodule on the copy leaves the original intact)."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    return new
+
+
+class GroupLayerNorm(nn.Module):
+    """LayerNorm whose scale and shift are chosen per token by its group (paper eq. 6).
+
+    Each group owns its own parameters (one ``[dim]`` weight and bias per group name), so a
+    subset of groups can be shared into a subgraph without carrying the others.
+    ``group_ids`` index the module's own group order (``self.groups``).
+    """
+
+    def __init__(self, groups: list[str], dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.groups = list(groups)
+        self.dim, self.eps = dim, eps
+        self.weight = nn.ParameterDict({module_key(g): nn.Parameter(torch.ones(dim)) for g in self.groups})
+        self.bias = nn.ParameterDict({module_key(g): nn.Parameter(torch.zeros(dim)) for g in self.groups})
+
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """``[num_groups, dim]`` scale and shift, rows in ``self.groups`` order."""
+        keys = [module_key(g) for g in self.groups]
+        return torch.stack([self.weight[k] for k in keys]), torch.stack([self.bias[k] for k in keys])
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """The group-independent part: zero mean, unit variance per row."""
+        return F.layer_norm(x, (self.dim,), eps=self.eps)
+
+    def forward(self, x: Tensor, group_ids: Tensor) -> Tensor:
+        weight, bias = self.affine()
+        return self.normalize(x) * weight[group_ids] + bias[group_ids]
+
+    def subset(self, groups: list[str]) -> "GroupLayerNorm":
+        """A GLN over ``groups`` (in that order) sharing their parameters with this one."""
+        missing = [g for g in groups if g not in self.groups]
+        if missing:
+            raise KeyError(f"GroupLayerNorm has no groups {missing}; it has {self.groups}")
+        new = GroupLayerNorm.__new__(GroupLayerNorm)
+        nn.Module.__init__(new)
+        new.groups, new.dim, new.eps = list(groups), self.dim, self.eps
+        new.weight = nn.ParameterDict({module_key(g): self.weight[module_key(g)] for g in groups})
+        new.bias = nn.ParameterDict({module_key(g): self.bias[module_key(g)] for g in groups})
+        return new
+
+
+def _attention_params(config: ModelConfig, time_bias: Tensor | None) -> AttentionParams:
+    return AttentionParams(
+        alpha=1.0 / math.sqrt(config.dim_per_head),
+        norm=1.0 / config.attention_norm_len,
+        num_kv_groups=config.num_kv_groups,
+        time_bias=time_bias,
+        padding_slack=config.jagged_padding_slack,
+    )
+
+
+class _HSTULayer(nn.Module):
+    """What full and target layers share: sizes, output projection, attention call."""
+
+    def __init__(self, config: ModelConfig, groups: list[str], output_groups: list[str]) -> None:
+        super().__init__()
+        self.config = config
+        heads, kv, dh = config.num_heads, config.num_kv_groups, config.dim_per_head
+        self.heads, self.kv_groups, self.dh = heads, kv, dh
+        self.gln_in = GroupLayerNorm(groups, config.d_model, config.layer_norm_eps)
+        self.gln_attn = GroupLayerNorm(output_groups, heads * dh, config.layer_norm_eps)
+        self.f2 = nn.Linear(heads * dh, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.time_bias = nn.Parameter(torch.zeros(heads, config.time_bias_buckets)) if config.relative_time_bias else None
+
+    def _split_kv(self, kv: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = kv.split(self.kv_groups * self.dh, dim=-1)
+        return k.reshape(-1, self.kv_groups, self.dh), v.reshape(-1, self.kv_groups, self.dh)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, queries, layout: AttentionLayout) -> Tensor:
+        params = _attention_params(self.config, self.time_bias)
+        a = hstu_attention(q.reshape(-1, self.heads, self.dh), k, v, queries, layout, params, self.config.attention_backend)
+        return a.reshape(-1, self.heads * self.dh)
+
+    def _output(self, x: Tensor, a: Tensor, u: Tensor, out_groups: Tensor) -> Tensor:
+        """Eq. 10 / 17: ``f2(GLN(A) * U) + X``."""
+        return x + self.dropout(self.f2(self.gln_attn(a, out_groups) * u))
+
+
+class FullAttentionLayer(_HSTULayer):
+    """HSTU attention with GQA over all tokens (eq. 7-10)."""
+
+    def __init__(self, config: ModelConfig, groups: list[str]) -> None:
+        super().__init__(config, groups, groups)
+        width = self.heads * self.dh
+        self.f1 = nn.Linear(config.d_model, 2 * width + 2 * self.kv_groups * self.dh)
+
+    def forward(self, x: Tensor, group_ids: Tensor, layout: AttentionLayout) -> Tensor:
+        width = self.heads * self.dh
+        h = F.silu(self.f1(self.gln_in(x, group_ids)))
+        u, q, kv = h.split([width, width, 2 * self.kv_groups * self.dh], dim=-1)
+        k, v = self._split_kv(kv)
+        a = self._attend(q, k, v, layout.queries("all"), layout)
+        return self._output(x, a, u, group_ids)
+
+    def subset(self, groups: list[str]) -> "FullAttentionLayer":
+        new = shallow_copy(self)
+        new.gln_in, new.gln_attn = self.gln_in.subset(groups), self.gln_attn.subset(groups)
+        return new
+
+
+class TargetAttentionLayer(_HSTULayer):
+    """HSTU attention with GQA that queries and updates only T-tokens (eq. 11-18).
+
+    ``gln_in`` covers every group (keys and values come from all tokens); ``gln_attn`` only
+    the T groups (only T rows are updated).
+    """
+
+    def __init__(self, config: ModelConfig, groups: list[str], target_groups: list[str]) -> None:
+        super().__init__(config, groups, target_groups)
+        width = self.heads * self.dh
+        self.f_uq = nn.Linear(config.d_model, 2 * width)
+        self.f_kv = nn.Linear(config.d_model, 2 * self.kv_groups * self.dh)
+
+    def context_kv(self, x_ctx: Tensor, ctx_groups: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of the non-T tokens (eq. 14 over the context rows), one layer at a time."""
+        return self._split_kv(F.silu(self.f_kv(self.gln_in(x_ctx, ctx_groups))))
+
+    def forward(
+        self,
+        x_t: Tensor,
+        t_groups: Tensor,
+        t_out_groups: Tensor,
+        k_ctx: Tensor,
+        v_ctx: Tensor,
+        layout: AttentionLayout,
+    ) -> Tensor:
+        """New T rows ``[L_T, d]`` from the T rows and the (precomputed) context keys/values.
+
+        ``t_groups`` index ``gln_in``'s groups, ``t_out_groups`` index ``gln_attn``'s (T only).
+        """
+        width = self.heads * self.dh
+        xn = self.gln_in(x_t, t_groups)
+        u, q = F.silu(self.f_uq(xn)).split([width, width], dim=-1)
+        k_t, v_t = self._split_kv(F.silu(self.f_kv(xn)))
+        targets, context = layout.queries("target"), layout.context()
+        k = _scatter_rows(layout.num_tokens, (context.index, k_ctx), (targets.index, k_t))
+        v = _scatter_rows(layout.num_tokens, (context.index, v_ctx), (targets.index, v_t))
+        a = self._attend(q, k, v, targets, layout)
+        return self._output(x_t, a, u, t_out_groups)
+
+    def subset(self, groups: list[str], target_groups: list[str]) -> "TargetAttentionLayer":
+        new = shallow_copy(self)
+        new.gln_in, new.gln_attn = self.gln_in.subset(groups), self.gln_attn.subset(target_groups)
+        return new
+
+
+def _scatter_rows(n: int, *parts: tuple[Tensor, Tensor]) -> Tensor:
+    """Rows of several tensors placed at their flat token positions (together they cover all ``n``)."""
+    first = parts[0][1]
+    out = first.new_zeros((n, *first.shape[1:]))
+    for index, rows in parts:
+        out = out.index_copy(0, index, rows.to(out.dtype))
+    return out
+
+
+def fused_context_kv(layers: list[TargetAttentionLayer], x_ctx: Tensor, ctx_groups: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Non-T keys/values of all K target layers of a block at once.
+
+    The K layers see the same non-T tokens (target layers never change them), so the
+    LayerNorm statistics are computed once and the K projections run as one batched matmul
+    (``baddbmm`` over the layers' stacked ``f_kv`` weights, each applied to the rows after its
+    own group affine). Equal to ``[layer.context_kv(x_ctx, ctx_groups) for layer in layers]``.
+    """
+    if not layers:
+        return []
+    xhat = layers[0].gln_in.normalize(x_ctx)  # same eps and width in every layer
+    affines = [layer.gln_in.affine() for layer in layers]
+    scale = torch.stack([w[ctx_groups] for w, _ in affines])  # [K, n, d]
+    shift = torch.stack([b[ctx_groups] for _, b in affines])
+    weight = torch.stack([layer.f_kv.weight.t() for layer in layers])  # [K, d, 2 G dh]
+    bias = torch.stack([layer.f_kv.bias for layer in layers])[:, None, :]  # [K, 1, 2 G dh]
+    kv = F.silu(torch.baddbmm(bias, xhat[None] * scale + shift, weight))
+    return [layer._split_kv(kv[i]) for i, layer in enumerate(layers)]
