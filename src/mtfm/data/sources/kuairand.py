@@ -147,7 +147,7 @@ def load_source(path: str | None, schema: DataSchema | None, users: int | None, 
     if users is not None:
         keep = log["user_id"].unique().sort().head(users)
         log = log.filter(pl.col("user_id").is_in(keep.implode()))
-    frame = _exposure_frame(log, people, videos).rename(
+    frame = _exposure_frame(log, people, videos, keep=_schema_columns(schema)).rename(
         {"user_id": schema.user_column, "time_ms": schema.time.column}
     )
     origin = ", ".join(str(p) for p in log_paths)
@@ -301,16 +301,29 @@ def _read_logs(
 # --------------------------------------------------------------------------------------------
 
 
-def _exposure_frame(log: pl.DataFrame, people: pl.DataFrame, videos: pl.DataFrame) -> pl.DataFrame:
-    """Log rows joined with user and video features, plus past-only cross features."""
+def _schema_columns(schema: DataSchema) -> set[str]:
+    """Every column any table of ``schema`` names (the frame carries only these, plus what the
+    source itself needs), so that a real-size log is not joined with unused side columns."""
+    cols = {c for spec in schema.scenarios for c in scenario_columns(schema, spec)}
+    return cols | {f.name for seq in [*schema.history, *schema.realtime] for f in seq.features}
+
+
+def _exposure_frame(log: pl.DataFrame, people: pl.DataFrame, videos: pl.DataFrame, keep: set[str]) -> pl.DataFrame:
+    """Log rows joined with user and video features, plus past-only cross features.
+
+    Keeps the log's own columns, the derived ones, and the side-table columns in ``keep``.
+    """
+    own = {"video_duration", "author_id", "first_tag_id"}  # needed below whatever the schema says
     frame = (
-        log.join(videos, on="video_id", how="left", maintain_order="left")
-        .join(people, on="user_id", how="left", maintain_order="left")
+        log.sort("user_id", "time_ms", "video_id", maintain_order=True)  # narrow: sort before the joins
+        .join(videos.select(c for c in videos.columns if c == "video_id" or c in keep | own),
+              on="video_id", how="left", maintain_order="left")
+        .join(people.select(c for c in people.columns if c == "user_id" or c in keep),
+              on="user_id", how="left", maintain_order="left")
         .with_columns(
             _duration_bucket().alias("duration_bucket"),
             ((pl.col("time_ms") // 3_600_000 + 8) % 24).alias("hour"),
         )
-        .sort("user_id", "time_ms", "video_id", maintain_order=True)
     )
     sums = {"clicks": pl.col("is_click"), "long_views": pl.col("long_view")}
     frame = strictly_earlier_totals(frame, ["user_id"], "time_ms", sums, prefix="_u_")

@@ -110,28 +110,73 @@ def read_table(
     ``columns`` (others are ignored). ``header=[...]``: the file has no header line and must
     have exactly ``len(header)`` fields per line, named by ``header``.
 
-    Every value is read as text first, so a bad value is reported with its file, column and
-    line instead of a parser error. Integers written as integral floats (``"87433.0"``, as in
-    KuaiRand's tables) are accepted. Empty fields are nulls; a null in a column not listed in
-    ``nullable`` is an error.
+    The file is parsed with the declared types; if any value does not parse, it is read again
+    as text to report the first bad value with its file, column and line (instead of a parser
+    error). Integers written as integral floats (``"87433.0"``, as in KuaiRand's tables) are
+    accepted. Empty fields are nulls; a null in a column not listed in ``nullable`` is an
+    error. Values are taken as written (no whitespace stripping).
     """
     require_file(path, "input")
-    raw = _read_text(path, separator=separator, header=header, encoding=encoding, quote_char=quote_char)
-    missing = [c for c in columns if c not in raw.columns]
-    if missing:
-        raise SourceFileError(f"{path}: missing column(s) {missing}; the file has {raw.columns}")
-    first_line = 1 if header is not None else 2
+    options = {"separator": separator, "header": header, "encoding": encoding, "quote_char": quote_char}
+    typed = _read_typed(path, columns, **options)
+    if typed is None:
+        text = _read_text(path, **options)
+        missing = [c for c in columns if c not in text.columns]
+        if missing:
+            raise SourceFileError(f"{path}: missing column(s) {missing}; the file has {text.columns}")
+        typed = pl.DataFrame([_typed_column(text[name], kind, path, _first_line(header)) for name, kind in columns.items()])
     allowed_null = set(nullable)
-    out = []
     for name, kind in columns.items():
-        series = _typed_column(raw[name], kind, path, first_line)
-        if name not in allowed_null and series.null_count():
-            row = int(series.is_null().arg_max())  # first null
+        if name not in allowed_null and typed[name].null_count():
+            row = int(typed[name].is_null().arg_max())  # first null
             raise SourceFileError(
-                f"{path}: column '{name}' line {row + first_line}: empty value; expected {_KIND_WORD[kind]}"
+                f"{path}: column '{name}' line {row + _first_line(header)}: empty value; expected {_KIND_WORD[kind]}"
             )
-        out.append(series)
-    return pl.DataFrame(out)
+    return typed
+
+
+def _first_line(header: Sequence[str] | None) -> int:
+    """File line of the first data row: 1 without a header line, else 2."""
+    return 1 if header is not None else 2
+
+
+_DTYPES: dict[str, type[pl.DataType]] = {"int": pl.Int64, "float": pl.Float64, "str": pl.String}
+
+
+def _read_typed(
+    path: Path,
+    columns: Mapping[str, ColumnKind],
+    *,
+    separator: str,
+    header: Sequence[str] | None,
+    encoding: str,
+    quote_char: str | None,
+) -> pl.DataFrame | None:
+    """The fast typed parse; None when anything does not fit (the text read then explains)."""
+    overrides = {name: _DTYPES[kind] for name, kind in columns.items()}
+    common = {"separator": separator, "encoding": encoding, "quote_char": quote_char}
+    try:
+        if header is None:
+            found = pl.read_csv(path, n_rows=0, infer_schema=False, **common).columns
+            if any(c not in found for c in columns):
+                return None
+            df = pl.read_csv(path, columns=list(columns), schema_overrides=overrides, **common)
+        else:
+            df = pl.read_csv(path, has_header=False, new_columns=list(header), schema_overrides=overrides, **common)
+            if df.width != len(header):
+                return None
+    except (pl.exceptions.PolarsError, UnicodeDecodeError, ValueError):
+        return None
+    if any(df[name].dtype != dtype for name, dtype in overrides.items()):
+        return None
+    return _drop_trailing_blank_rows(df.select(list(columns)))
+
+
+def _drop_trailing_blank_rows(df: pl.DataFrame) -> pl.DataFrame:
+    """Trailing blank lines (u.genre ends with one) are not rows; blank lines inside stay rows
+    (and fail the null checks) so that every reported line number is the file's."""
+    filled = df.select(pl.any_horizontal(pl.all().is_not_null()).alias("_filled"))["_filled"]
+    return df.head(int(filled.arg_true().max()) + 1 if filled.any() else 0)
 
 
 _KIND_WORD = {"int": "an integer", "float": "a number", "str": "a text value"}
@@ -158,13 +203,7 @@ def _read_text(
                 f"({list(header)}), found {df.width}"
             )
         df.columns = list(header)
-    # Text read: empty fields arrive as "" or null depending on position; make both null.
-    df = df.with_columns(pl.all().str.strip_chars().replace("", None))
-    # Trailing blank lines (u.genre ends with one) are not rows; blank lines inside stay
-    # rows so that every reported line number is the file's.
-    filled = df.select(pl.any_horizontal(pl.all().is_not_null()).alias("_filled"))["_filled"]
-    last = int(filled.arg_true().max()) + 1 if filled.any() else 0
-    return df.head(last)
+    return _drop_trailing_blank_rows(df)
 
 
 def _typed_column(text: pl.Series, kind: ColumnKind, path: Path, first_line: int) -> pl.Series:
@@ -226,18 +265,28 @@ def strictly_earlier_totals(
     second has seen neither outcome when rating either), so the features never use the row's
     own label or a simultaneous one. Adds ``{prefix}count`` and ``{prefix}{name}`` for every
     entry of ``sums`` (an expression evaluated per row, summed).
+
+    One sort and running sums: with rows ordered by (keys, time), the total before a row is
+    the running sum just before its tie group (same keys and time) starts, minus the running
+    sum just before its key group starts.
     """
-    per_time = (
-        df.group_by([*keys, time])
-        .agg(pl.len().alias("_n"), *[expr.sum().alias(f"_{name}") for name, expr in sums.items()])
-        .sort([*keys, time])
-    )
-    running = [(pl.col("_n").cum_sum().over(keys) - pl.col("_n")).alias(f"{prefix}count")]
-    running += [
-        (pl.col(f"_{name}").cum_sum().over(keys) - pl.col(f"_{name}")).alias(f"{prefix}{name}") for name in sums
-    ]
-    totals = per_time.select(*keys, time, *running)
-    return df.join(totals, on=[*keys, time], how="left", maintain_order="left")
+    values = {"count": pl.lit(1, dtype=pl.Int64), **sums}
+    work = df.select(
+        pl.int_range(pl.len(), dtype=pl.UInt32).alias("_row"),
+        *[pl.col(k).alias(f"_k{i}") for i, k in enumerate(keys)],
+        pl.col(time).alias("_t"),
+        *[expr.alias(f"_v_{name}") for name, expr in values.items()],
+    ).sort([*[f"_k{i}" for i in range(len(keys))], "_t"])
+    new_group = pl.any_horizontal([pl.col(f"_k{i}").ne_missing(pl.col(f"_k{i}").shift(1)) for i in range(len(keys))])
+    new_tie = new_group | pl.col("_t").ne_missing(pl.col("_t").shift(1))
+    totals = []
+    for name in values:
+        before = pl.col(f"_v_{name}").cum_sum() - pl.col(f"_v_{name}")  # running sum before this row
+        at_tie = pl.when(new_tie).then(before).forward_fill()
+        at_group = pl.when(new_group).then(before).forward_fill()
+        totals.append((at_tie - at_group).alias(f"{prefix}{name}"))
+    result = work.select("_row", *totals).sort("_row").drop("_row")
+    return df.hstack(result)
 
 
 # --------------------------------------------------------------------------------------------
