@@ -12,6 +12,8 @@ import warnings
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mtfm.config import CategoricalFeature, DataSchema, NumericFeature, SchemaError, schema_from_dict
 from mtfm.data.sources import synthetic as syn
@@ -318,3 +320,49 @@ def test_recent_same_cuisine_click_raises_click_probability():
         y = a["click"].to_numpy()
         lifts[name] = y[recent].mean() / y[~recent].mean()
     assert min(lifts.values()) > 3.0, lifts
+
+
+# ---- vectorised helpers against plain references ----------------------------------------------
+
+
+def test_catalog_samplers_follow_cuisine_and_popularity():
+    rng = np.random.default_rng(0)
+    n = 300
+    cuisine = rng.integers(0, syn.NUM_CUISINES, n)
+    cuisine[: syn.NUM_CUISINES] = np.arange(syn.NUM_CUISINES)
+    pop = rng.pareto(1.5, n) + 0.01
+    cat = syn._Catalog(cuisine, np.zeros(n, int), np.zeros(n), np.zeros(n), pop)
+    want = rng.integers(0, syn.NUM_CUISINES, 200_000)
+    got = cat.sample_in_cuisine(want, rng.random(want.size))
+    assert np.array_equal(cuisine[got], want)
+    c3 = np.flatnonzero(cuisine == 3)
+    freq = np.bincount(got[want == 3], minlength=n)[c3] / np.sum(want == 3)
+    np.testing.assert_allclose(freq, pop[c3] / pop[c3].sum(), atol=0.01)
+    popular = cat.sample_popular(rng.random(200_000))
+    np.testing.assert_allclose(np.bincount(popular, minlength=n) / popular.size, pop / pop.sum(), atol=0.005)
+
+
+def test_row_sampler_draws_each_row_from_its_own_distribution():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(5), size=4)
+    rows = np.repeat(np.arange(4), 50_000)
+    got = syn._sample_from_rows(syn._row_cdf_sampler(probs), 5, rows, rng.random(rows.size))
+    for r in range(4):
+        np.testing.assert_allclose(np.bincount(got[rows == r], minlength=5) / 50_000, probs[r], atol=0.01)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 6), st.booleans()),
+                min_size=1, max_size=40))
+def test_past_ctr_and_counts_match_a_brute_force_loop(events):
+    user, cuisine, ts, click = (np.array(x) for x in zip(*events))
+    span = 100
+    got = syn._past_ctr(user, cuisine, ts, click, span, prior=0.04)
+    keys = np.sort((user * syn.NUM_CUISINES + cuisine) * span + ts)
+    g = user * syn.NUM_CUISINES + cuisine
+    counts = syn._count_before(keys, g, g * span + ts, span)
+    for i in range(len(events)):
+        past = (user == user[i]) & (cuisine == cuisine[i]) & (ts < ts[i])
+        want = (click[past].sum() + syn.CTR_PRIOR_WEIGHT * 0.04) / (past.sum() + syn.CTR_PRIOR_WEIGHT)
+        assert got[i] == pytest.approx(want)
+        assert counts[i] == past.sum()
