@@ -150,18 +150,7 @@ def load_source(path: str | None, schema: DataSchema | None, users: int | None, 
     frame = _exposure_frame(log, people, videos, keep=_schema_columns(schema)).rename(
         {"user_id": schema.user_column, "time_ms": schema.time.column}
     )
-    origin = ", ".join(str(p) for p in log_paths)
-    tables: dict[str, pl.DataFrame] = {}
-    origins: dict[str, str] = {}
-    for spec in schema.scenarios:
-        rows = frame.filter(pl.col("tab").is_in(sorted(_tabs_of(spec.table))))
-        wanted = list(dict.fromkeys([*scenario_columns(schema, spec), "tab"]))
-        tables[spec.table] = select_columns(rows, wanted, table=spec.table, source="kuairand", origin=origin)
-        origins[spec.table] = f"{origin} (tab in {sorted(_tabs_of(spec.table))})"
-    behaviour = frame.filter(pl.col("is_click") == 1)
-    seq_tables, seq_origins = sequence_tables(schema, behaviour, source="kuairand", origin=f"{origin} (is_click = 1)")
-    tables.update(seq_tables)
-    origins.update(seq_origins)
+    tables, origins = _split_tables(frame, schema, origin=", ".join(str(p) for p in log_paths))
     tab_counts = frame.group_by("tab").len().sort("tab")
     info: dict[str, object] = {
         "source": "kuairand",
@@ -178,6 +167,22 @@ def load_source(path: str | None, schema: DataSchema | None, users: int | None, 
     }
     unmapped = int((~frame["tab"].is_in(sorted(tab_map))).sum())
     return RawTables(schema, tables, origins, pre_dropped={"unmapped_tab": unmapped}, info=info)
+
+
+def _split_tables(frame: pl.DataFrame, schema: DataSchema, origin: str) -> tuple[dict[str, pl.DataFrame], dict[str, str]]:
+    """One exposure table per scenario (its tabs' rows, its columns, plus ``tab`` for audit)
+    and the ``clicks`` behaviour table (clicked rows of every tab)."""
+    tables: dict[str, pl.DataFrame] = {}
+    origins: dict[str, str] = {}
+    for spec in schema.scenarios:
+        tabs = sorted(_tabs_of(spec.table))
+        wanted = list(dict.fromkeys([*scenario_columns(schema, spec), "tab"]))
+        rows = frame.filter(pl.col("tab").is_in(tabs))
+        tables[spec.table] = select_columns(rows, wanted, table=spec.table, source="kuairand", origin=origin)
+        origins[spec.table] = f"{origin} (tab in {tabs})"
+    behaviour = frame.filter(pl.col("is_click") == 1)
+    seq_tables, seq_origins = sequence_tables(schema, behaviour, source="kuairand", origin=f"{origin} (is_click = 1)")
+    return tables | seq_tables, origins | seq_origins
 
 
 def tab_mapping(schema: DataSchema) -> dict[int, str]:

@@ -73,6 +73,7 @@ ENV_VAR = "MTFM_MOVIELENS_PATH"
 DEFAULT_RELATIVE = "../shared/data/movielens-100k"
 BEHAVIOUR_TABLE = "ratings"
 SCENARIO_TABLE_PREFIX = "ratings_"
+BEHAVIOUR_COLUMNS = ("movie_id", "family_id", "rating", "year_bucket")
 
 # Genre flag order of u.item, as listed in u.genre (checked at load time).
 GENRES: tuple[str, ...] = (
@@ -126,30 +127,7 @@ def load_source(path: str | None, schema: DataSchema | None, users: int | None, 
     folder = locate(path)
     frame, kept_users, read_ratings = _rated_frame(folder, users)
 
-    tables: dict[str, pl.DataFrame] = {}
-    origins: dict[str, str] = {}
-    origin = str(folder / "u.data")
-    behaviour = frame.select(
-        "user_id", "ts", "movie_id", "family_id", "rating", "year_bucket"
-    ).rename({"user_id": schema.user_column, "ts": schema.time.column})
-    exposures = frame.filter(pl.col("family").is_not_null()).rename(
-        {"user_id": schema.user_column, "ts": schema.time.column}
-    )
-    pre_dropped = {"no_genre_family": int(frame["family"].null_count())}
-    for spec in schema.scenarios:
-        family = spec.table.removeprefix(SCENARIO_TABLE_PREFIX)
-        rows = exposures.filter(pl.col("family") == family)
-        tables[spec.table] = select_columns(
-            rows, scenario_columns(schema, spec), table=spec.table, source="movielens", origin=origin
-        )
-        origins[spec.table] = f"{origin} (genre family {family})"
-    for family in FAMILIES:
-        if f"{SCENARIO_TABLE_PREFIX}{family}" not in tables:
-            pre_dropped[f"family_not_in_schema:{family}"] = int((exposures["family"] == family).sum())
-    seq_tables, seq_origins = sequence_tables(schema, behaviour, source="movielens", origin=origin)
-    tables.update(seq_tables)
-    origins.update(seq_origins)
-
+    tables, origins, pre_dropped = _split_tables(frame, schema, origin=str(folder / "u.data"))
     info: dict[str, object] = {
         "source": "movielens-100k",
         "path": str(folder),
@@ -162,6 +140,30 @@ def load_source(path: str | None, schema: DataSchema | None, users: int | None, 
         "exposures_per_scenario": {s.name: tables[s.table].height for s in schema.scenarios},
     }
     return RawTables(schema=schema, tables=tables, origins=origins, pre_dropped=pre_dropped, info=info)
+
+
+def _split_tables(
+    frame: pl.DataFrame, schema: DataSchema, origin: str
+) -> tuple[dict[str, pl.DataFrame], dict[str, str], dict[str, int]]:
+    """One exposure table per scenario (its family's ratings, its columns), the ``ratings``
+    behaviour table, and the counts of ratings no scenario takes."""
+    renamed = frame.rename({"user_id": schema.user_column, "ts": schema.time.column})
+    exposures = renamed.filter(pl.col("family").is_not_null())
+    pre_dropped = {"no_genre_family": int(frame["family"].null_count())}
+    tables: dict[str, pl.DataFrame] = {}
+    origins: dict[str, str] = {}
+    for spec in schema.scenarios:
+        family = spec.table.removeprefix(SCENARIO_TABLE_PREFIX)
+        rows = exposures.filter(pl.col("family") == family)
+        wanted = scenario_columns(schema, spec)
+        tables[spec.table] = select_columns(rows, wanted, table=spec.table, source="movielens", origin=origin)
+        origins[spec.table] = f"{origin} (genre family {family})"
+    for family in FAMILIES:
+        if f"{SCENARIO_TABLE_PREFIX}{family}" not in tables:
+            pre_dropped[f"family_not_in_schema:{family}"] = int((exposures["family"] == family).sum())
+    behaviour = renamed.select(schema.user_column, schema.time.column, *BEHAVIOUR_COLUMNS)
+    seq_tables, seq_origins = sequence_tables(schema, behaviour, source="movielens", origin=origin)
+    return tables | seq_tables, origins | seq_origins, pre_dropped
 
 
 def _check_schema(schema: DataSchema) -> None:
