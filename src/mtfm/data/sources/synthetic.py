@@ -126,7 +126,7 @@ class ScenarioDef:
 _DEFAULT_SCENARIOS: tuple[ScenarioDef, ...] = (
     ScenarioDef(1, "HP", "restaurant", 8.0, 4, 0.95, 20_000, -3.50, -2.65),
     ScenarioDef(2, "PHF", "dish", 7.0, 4, 0.85, 40_000, -5.00, -2.35),
-    ScenarioDef(3, "SQS", "coupon", 1.0, 2, 0.60, 2_000, -4.80, -3.45),
+    ScenarioDef(3, "SQS", "coupon", 1.0, 2, 0.60, 2_000, -4.80, -3.25),
 )
 
 
@@ -802,7 +802,7 @@ def _redemptions(users: _Users, cat: _Catalog, u: np.ndarray, items: np.ndarray,
     """
     log_validity = np.log(cat.attrs["validity_days"][items])
     p_write = _sigmoid(1.2 - 0.5 * log_validity + 0.4 * users.deal[u])
-    p_imd = _sigmoid(-0.5 + 0.5 * users.theta[u, cuisine] - 0.3 * log_validity)
+    p_imd = _sigmoid(0.5 * users.theta[u, cuisine] - 0.3 * log_validity)
     return p_write, p_imd, rng.random(u.size), rng.random(u.size)
 
 
