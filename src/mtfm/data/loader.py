@@ -1,0 +1,340 @@
+"""Loader: prepared Parquet shards -> :class:`~mtfm.data.batch.JaggedBatch`, without padding.
+
+The loader takes no feature decision (everything was encoded by ``mtfm prepare``): it picks
+samples, lets Arrow gather them (``Table.take`` in C++, or a zero-copy ``slice`` when the
+samples are contiguous, as without shuffling), and wraps the resulting Arrow buffers as
+tensors through DLPack (``torch.from_dlpack``) -- list offsets are int64 (``large_list``) and ids int64, so
+values and offsets reach the model without a copy. Only the label matrix, the per-task mask
+and rebased offsets of sliced lists are new memory.
+
+Order: deterministic for ``(seed, epoch)``. With ``shuffle`` the rank's shards are visited in
+a permuted order and samples are permuted within each shard (a shard is read once per epoch);
+batches are consecutive runs of ``batch_size`` samples of that stream, so a batch may span two
+shards. ``iterate(epoch, start_batch)`` resumes a stream exactly (shards wholly before the
+start are not read).
+
+Distributed (``torchrun``): rank ``r`` of ``w`` reads shards ``r, r + w, r + 2w, ...`` of the
+split (round robin); fewer shards than ranks is an error (prepare with ``--shards N``). Ranks
+may get different batch counts; ``num_batches`` lets a trainer agree on a common count.
+
+``scenarios=[...]`` reads only those scenarios' columns; samples with no exposure in them are
+skipped and counted (``skipped_samples``). The batches then follow the restricted schema
+(``loader.schema``): ``batch.scenarios`` holds only the kept scenarios and token group ids follow
+``loader.schema.token_groups()``.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from mtfm.config import DataSchema, Feature, MultiCategoricalFeature, NumericFeature, SchemaError
+from mtfm.data.batch import FeatureTensors, JaggedBatch, ScenarioBatch, SequenceBatch, build_token_layout
+from mtfm.data.store import (
+    Manifest,
+    history_prefix,
+    label_column,
+    oracle_column,
+    read_manifest,
+    realtime_prefix,
+    sample_columns,
+    scenario_feature_columns,
+    scenario_prefix,
+)
+
+_TORCH_DTYPES = {pa.int64(): torch.int64, pa.float32(): torch.float32, pa.int8(): torch.int8}
+
+
+# --------------------------------------------------------------------------------------------
+# Arrow -> tensors
+# --------------------------------------------------------------------------------------------
+
+
+def _array(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(col, pa.ChunkedArray):
+        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    return col
+
+
+def _tensor(arr: pa.Array, name: str) -> torch.Tensor:
+    """A primitive Arrow array as a tensor sharing its buffer (no copy)."""
+    if arr.null_count:
+        raise ValueError(f"column '{name}' holds {arr.null_count} null(s); prepared shards never do (corrupt shard?)")
+    dtype = _TORCH_DTYPES.get(arr.type)
+    if dtype is None:
+        raise ValueError(f"column '{name}' has type {arr.type}; expected one of {list(_TORCH_DTYPES)}")
+    if len(arr) == 0:
+        return torch.empty(0, dtype=dtype)
+    return torch.from_dlpack(arr)  # shares the Arrow buffer (slices included) and keeps it alive
+
+
+def _list_parts(arr: pa.Array, name: str) -> tuple[torch.Tensor, pa.Array]:
+    """(offsets long [n + 1] starting at 0, values) of a large_list array, sliced or not."""
+    if not pa.types.is_large_list(arr.type):
+        raise ValueError(f"column '{name}' has type {arr.type}; expected a large_list column")
+    if arr.null_count:
+        raise ValueError(f"column '{name}' holds null lists; prepared shards never do (corrupt shard?)")
+    offsets = _tensor(arr.offsets, name)
+    start = int(offsets[0]) if offsets.numel() else 0
+    end = int(offsets[-1]) if offsets.numel() else 0
+    if start != 0:
+        offsets = offsets - start
+    return offsets, arr.values.slice(start, end - start)
+
+
+@dataclass
+class _Group:
+    """Columns that share one list length per sample (a scenario or a sequence type)."""
+
+    offsets: torch.Tensor
+    values: dict[str, pa.Array]
+
+
+def _group(table: pa.Table, columns: list[str]) -> _Group:
+    offsets, values = None, {}
+    for name in columns:
+        off, vals = _list_parts(_array(table.column(name)), name)
+        if offsets is None:
+            offsets = off
+        elif not torch.equal(off, offsets):
+            raise ValueError(f"column '{name}' has list lengths that differ from '{columns[0]}' (corrupt shard?)")
+        values[name] = vals
+    assert offsets is not None
+    return _Group(offsets, values)
+
+
+def _features(group: _Group, pairs: list[tuple[Feature, str]]) -> FeatureTensors:
+    out = FeatureTensors()
+    for feature, col in pairs:
+        arr = group.values[col]
+        if isinstance(feature, NumericFeature):
+            out.numeric[feature.name] = _tensor(arr, col)
+        elif isinstance(feature, MultiCategoricalFeature):
+            inner_offsets, inner_values = _list_parts(arr, col)
+            out.multi[feature.name] = (_tensor(inner_values, col), inner_offsets)
+        else:
+            out.categorical[feature.name] = _tensor(arr, col)
+    return out
+
+
+def _sequence(table: pa.Table, prefix: str, features: list[Feature]) -> SequenceBatch:
+    pairs = [(f, f"{prefix}.{f.name}") for f in features]
+    group = _group(table, [f"{prefix}.ts"] + [c for _, c in pairs])
+    return SequenceBatch(group.offsets, _tensor(group.values[f"{prefix}.ts"], f"{prefix}.ts"), _features(group, pairs))
+
+
+def _scenario(table: pa.Table, schema: DataSchema, name: str) -> ScenarioBatch:
+    spec = schema.scenario(name)
+    p = scenario_prefix(name)
+    named = scenario_feature_columns(spec)
+    by_name = {g: {f.name: f for f in feats} for g, feats in spec.feature_groups.items()}
+    pairs = {g: [(by_name[g][fname], col) for fname, col in named[g]] for g in named}
+    labels = [label_column(name, t.name) for t in spec.tasks]
+    oracles = [oracle_column(name, t.name) for t in spec.tasks if t.oracle_column is not None]
+    cols = [f"{p}.ts"] + [c for g in pairs.values() for _, c in g] + labels + oracles
+    group = _group(table, cols)
+    n = int(group.offsets[-1])
+    lab = torch.stack([_tensor(group.values[c], c) for c in labels], dim=1) if labels else torch.zeros(n, 0)
+    oracle = torch.full((n, len(spec.tasks)), float("nan"), dtype=torch.float32)
+    for k, task in enumerate(spec.tasks):
+        if task.oracle_column is not None:
+            col = oracle_column(name, task.name)
+            oracle[:, k] = _tensor(group.values[col], col)
+    return ScenarioBatch(
+        offsets=group.offsets,
+        timestamps=_tensor(group.values[f"{p}.ts"], f"{p}.ts"),
+        user=_features(group, pairs["user"]),
+        cross=_features(group, pairs["cross"]),
+        item=_features(group, pairs["item"]),
+        labels=(lab == 1).to(torch.float32),
+        label_mask=lab >= 0,
+        oracle=oracle,
+    )
+
+
+def table_to_batch(table: pa.Table, schema: DataSchema) -> JaggedBatch:
+    """Samples stored as Arrow (a shard, a slice or a take of one) -> JaggedBatch.
+
+    ``schema`` decides which scenarios and sequences are read; dict orders follow the schema,
+    so token group ids follow ``schema.token_groups()``.
+    """
+    history = {h.name: _sequence(table, history_prefix(h.name), h.features) for h in schema.history}
+    realtime = {r.name: _sequence(table, realtime_prefix(r.name), r.features) for r in schema.realtime}
+    scenarios = {s.name: _scenario(table, schema, s.name) for s in schema.scenarios}
+    b = table.num_rows
+    return JaggedBatch(
+        user_ids=_tensor(_array(table.column("user_id")), "user_id"),
+        window_start=_tensor(_array(table.column("window_start")), "window_start"),
+        history=history,
+        realtime=realtime,
+        scenarios=scenarios,
+        layout=build_token_layout(history, realtime, scenarios, b),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The loader
+# --------------------------------------------------------------------------------------------
+
+
+class _End:
+    pass
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+class BatchLoader:
+    """Batches of whole samples from one split of a prepared directory (see module docstring)."""
+
+    def __init__(self, data_dir: str | Path, split: str, batch_size: int, *, shuffle: bool, seed: int,
+                 rank: int = 0, world_size: int = 1, prefetch: int = 2, scenarios: list[str] | None = None,
+                 drop_last: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        self.data_dir = Path(data_dir)
+        self.manifest: Manifest = read_manifest(self.data_dir)
+        if split not in self.manifest.splits:
+            raise KeyError(f"unknown split {split!r}; {self.data_dir} has {sorted(self.manifest.splits)}")
+        full = self.manifest.schema_obj
+        try:
+            self.schema: DataSchema = full if scenarios is None else full.restrict(list(scenarios))
+        except SchemaError as err:
+            raise KeyError(f"{self.data_dir}: {err}") from None
+        shards = self.manifest.splits[split].shards
+        if len(shards) < world_size:
+            raise ValueError(
+                f"{self.data_dir}/{split}: {len(shards)} shard(s) for {world_size} ranks; every rank needs one "
+                f"(re-run `mtfm prepare --shards {world_size}` or more)"
+            )
+        self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
+        self.rank, self.world_size, self.prefetch, self.drop_last = rank, world_size, prefetch, drop_last
+        self.shards = shards[rank::world_size]
+        self.columns = sample_columns(self.schema)
+        self._filtered = scenarios is not None and len(self.schema.scenarios) < len(full.scenarios)
+        self._keep = [self._kept_samples(s.path, s.samples) for s in self.shards]
+        self.skipped_samples = sum(s.samples for s in self.shards) - sum(k.size for k in self._keep)
+
+    def _kept_samples(self, rel: str, samples: int) -> np.ndarray:
+        """Indices of the shard's samples with at least one exposure of the kept scenarios."""
+        if not self._filtered:
+            return np.arange(samples, dtype=np.int64)
+        cols = [f"{scenario_prefix(s)}.ts" for s in self.schema.scenario_names]
+        table = pq.read_table(self.data_dir / rel, columns=cols)
+        counts = np.zeros(table.num_rows, dtype=np.int64)
+        for c in cols:
+            offsets = _array(table.column(c)).offsets.to_numpy()
+            counts += np.diff(offsets)
+        return np.flatnonzero(counts > 0).astype(np.int64)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields per epoch."""
+        return int(sum(k.size for k in self._keep))
+
+    def num_batches(self, epoch: int = 0) -> int:
+        """Batches of ``iterate(epoch)`` (the same for every epoch; the argument keeps call sites explicit)."""
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """(shard position, sample indices in visiting order) for the epoch."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.shards)) if self.shuffle else np.arange(len(self.shards))
+        plan = []
+        for pos in order:
+            keep = self._keep[pos]
+            plan.append((int(pos), keep[rng.permutation(keep.size)] if self.shuffle else keep))
+        return plan
+
+    def _read(self, pos: int) -> pa.Table:
+        return pq.read_table(self.data_dir / self.shards[pos].path, columns=self.columns)
+
+    def _assemble(self, pieces: list[tuple[pa.Table, np.ndarray]]) -> JaggedBatch:
+        parts = []
+        for table, idx in pieces:
+            contiguous = idx.size > 0 and int(idx[-1]) - int(idx[0]) + 1 == idx.size and bool(np.all(np.diff(idx) == 1))
+            parts.append(table.slice(int(idx[0]), idx.size) if contiguous else table.take(pa.array(idx)))
+        table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+        return table_to_batch(table, self.schema)
+
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[JaggedBatch]:
+        skip = start_batch * self.batch_size
+        pieces: list[tuple[pa.Table, np.ndarray]] = []
+        need = self.batch_size
+        for pos, idx in self._plan(epoch):
+            if skip >= idx.size:
+                skip -= idx.size
+                continue
+            idx, skip = idx[skip:], 0
+            table = self._read(pos)
+            while idx.size:
+                take, idx = idx[:need], idx[need:]
+                pieces.append((table, take))
+                need -= take.size
+                if need == 0:
+                    yield self._assemble(pieces)
+                    pieces, need = [], self.batch_size
+        if pieces and not self.drop_last:
+            yield self._assemble(pieces)
+
+    def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[JaggedBatch]:
+        """Batches of the epoch from ``start_batch`` on, prepared by a background thread."""
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        if self.prefetch <= 0:
+            yield from self._batches(epoch, start_batch)
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def put(item: object) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                for batch in self._batches(epoch, start_batch):
+                    if not put(batch):
+                        return
+                put(_End())
+            except BaseException as err:  # handed to the consumer, re-raised there
+                put(_Failure(err))
+
+        worker = threading.Thread(target=work, name=f"mtfm-loader-{self.split}-r{self.rank}", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, _End):
+                    return
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
+            worker.join()
+
+    def __iter__(self) -> Iterator[JaggedBatch]:
+        return self.iterate(0)
+
+    def __len__(self) -> int:
+        return self.num_batches(0)

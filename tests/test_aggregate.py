@@ -1,0 +1,223 @@
+"""Aggregation invariants, against a plain-Python reference (tests/data_world.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from data_world import WINDOW, WorldSize, reference_samples, tiny_world
+from mtfm.data.aggregate import aggregate, build_request, prepare, shard_bounds, split_boundaries
+from mtfm.data.encode import HASH_SEEDS
+from mtfm.data.raw import RawTables
+from mtfm.data.store import read_manifest
+from mtfm.data.validate import validate_raw
+
+
+def _rows_per_sample(table: pa.Table, raw: RawTables) -> dict[tuple[int, int], dict]:
+    """Stored samples as {(user, window_start): {"T"/"H"/"R": {name: [(rid, ts), ...]}}}."""
+    d = table.to_pydict()
+    s = raw.schema
+    out = {}
+    for i, (user, start) in enumerate(zip(d["user_id"], d["window_start"])):
+        sample = {"T": {}, "H": {}, "R": {}}
+        for sc in s.scenarios:
+            group = next(g for g in ("item", "user", "cross") if f"T.{sc.name}.{g}.rid" in d)
+            sample["T"][sc.name] = list(zip(d[f"T.{sc.name}.{group}.rid"][i], d[f"T.{sc.name}.ts"][i]))
+        for kind, specs in (("H", s.history), ("R", s.realtime)):
+            for spec in specs:
+                p = f"{kind}.{spec.name}"
+                sample[kind][spec.name] = list(zip(d[f"{p}.rid"][i], d[f"{p}.ts"][i]))
+        out[(user, start)] = sample
+    return out
+
+
+def _reference_rows(raw: RawTables) -> dict[tuple[int, int], dict]:
+    ref = reference_samples(raw)
+    return {
+        key: {kind: {name: [(float(r["rid"]), r["ts"]) for r in rows] for name, rows in sample[kind].items()}
+              for kind in ("T", "H", "R")}
+        for key, sample in ref.items()
+    }
+
+
+def _aggregate_all(raw: RawTables) -> pa.Table:
+    validate_raw(raw)
+    agg = aggregate(raw.tables, raw.origins, raw.schema)
+    return agg.table(0, agg.num_samples)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), users=st.integers(1, 15), windows=st.integers(1, 8))
+def test_aggregation_equals_the_plain_python_reference(seed: int, users: int, windows: int) -> None:
+    raw = tiny_world(seed, WorldSize(users=users, windows=windows, exposures_a=40, exposures_b=25, orders=30, clicks=40))
+    raw.tables = {t: df.unique(subset=["user_id", "ts", "rid"], keep="first", maintain_order=True)
+                  for t, df in raw.tables.items()}
+    got = _rows_per_sample(_aggregate_all(raw), raw)
+    assert got == _reference_rows(raw)
+
+
+def test_every_exposure_exactly_once_and_sequences_respect_the_window() -> None:
+    raw = tiny_world(3)
+    samples = _rows_per_sample(_aggregate_all(raw), raw)
+    for spec in raw.schema.scenarios:
+        seen = sorted(rid for s in samples.values() for rid, _ in s["T"][spec.name])
+        assert seen == list(map(float, range(len(raw.tables[spec.table]))))
+    for (user, start), s in samples.items():
+        for name, rows in s["T"].items():
+            stamps = [t for _, t in rows]
+            assert stamps == sorted(stamps) and all(start <= t < start + WINDOW for t in stamps)
+        for rows in s["H"].values():
+            assert all(t < start for _, t in rows)  # nothing at or after the window start
+        for spec in raw.schema.realtime:
+            rows = s["R"][spec.name]
+            raw_ts = raw.tables[spec.table]["ts"].to_list()
+            assert all(t < start + WINDOW for _, t in rows)
+            assert [t for _, t in rows] == [raw_ts[int(rid)] for rid, _ in rows]  # R keeps its timestamps
+            assert len(rows) <= spec.max_len
+
+
+def test_sample_and_time_ranges_that_overflow_a_packed_key_use_the_fallback_paths() -> None:
+    raw = tiny_world(5)
+    expected = _rows_per_sample(_aggregate_all(raw), raw)
+    # 64-bit user ids far apart and millisecond-like huge timestamps: same samples, shifted.
+    big_user, shift = 1 << 61, 10**15 * WINDOW
+    moved = {t: df.with_columns(pl.col("user_id") * 3 + big_user, pl.col("ts") + shift) for t, df in raw.tables.items()}
+    raw2 = RawTables(raw.schema, moved, raw.origins)
+    got = _rows_per_sample(_aggregate_all(raw2), raw2)
+    back = {((u - big_user) // 3, w - shift): {k: {n: [(r, t - shift) for r, t in rows] for n, rows in v.items()}
+                                               for k, v in s.items()}
+            for (u, w), s in got.items()}
+    assert back == expected
+
+
+def test_fraction_split_counts_distinct_windows_and_absolute_split_is_taken_as_given() -> None:
+    raw = tiny_world(0)
+    windows = np.array([10, 11, 12, 13, 14, 15, 16, 17])
+    b = split_boundaries(raw.schema, windows)  # 8 windows, 25 % / 25 %: 2 valid, 2 test
+    assert (b.style, b.valid_start, b.test_start) == ("fraction", 14 * WINDOW, 16 * WINDOW)
+    schema = raw.schema.model_copy(update={"split": raw.schema.split.model_copy(
+        update={"valid_fraction": None, "test_fraction": None, "valid_start": 5, "test_start": 7})})
+    b = split_boundaries(schema, windows)
+    assert (b.style, b.valid_start, b.test_start) == ("absolute", 5, 7)
+
+
+def test_normalisation_statistics_come_from_the_train_split_only(tmp_path) -> None:
+    raw = tiny_world(1)
+    m1 = prepare(raw, tmp_path / "a")
+    valid_start = m1.split_boundaries.valid_start
+    changed = raw.tables["exp_a"].with_columns(
+        pl.when(pl.col("ts") // WINDOW * WINDOW >= valid_start).then(1e6).otherwise(pl.col("ctr_hist"))
+        .alias("ctr_hist"))
+    m2 = prepare(RawTables(raw.schema, {**raw.tables, "exp_a": changed}, raw.origins), tmp_path / "b")
+    s1, s2 = m1.encoding["T.A.cross.ctr_hist"], m2.encoding["T.A.cross.ctr_hist"]
+    assert (s1.mean, s1.std, s1.fit_rows) == (s2.mean, s2.std, s2.fit_rows)
+    assert s1.fit_rows == m1.splits["train"].scenario_exposures["A"]
+
+
+def test_vocabulary_oov_and_truncated_lists_are_counted(tmp_path) -> None:
+    raw = tiny_world(2)
+    m = prepare(raw, tmp_path)
+    colors = raw.tables["exp_a"]["color"]
+    assert m.encoding["T.A.item.color"].oov_values == int((colors == "pink").sum())
+    lengths = raw.tables["exp_a"]["tags"].list.len()
+    assert m.encoding["T.A.item.tags"].truncated_values == int((lengths - 3).clip(lower_bound=0).sum())
+
+
+def test_hashed_ids_are_stable_across_processes() -> None:
+    code = (
+        "import polars as pl\n"
+        "from mtfm.config import CategoricalFeature\n"
+        "from mtfm.data.encode import encode_ids\n"
+        "f = CategoricalFeature(name='x', hash_buckets=1000)\n"
+        "print(encode_ids(pl.Series([1, 2, 3, 123456789]), f)[0].to_list(),"
+        " encode_ids(pl.Series(['a', 'bb']), f)[0].to_list())\n"
+    )
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    from mtfm.config import CategoricalFeature
+    from mtfm.data.encode import encode_ids
+
+    f = CategoricalFeature(name="x", hash_buckets=1000)
+    here = f"{encode_ids(pl.Series([1, 2, 3, 123456789]), f)[0].to_list()} {encode_ids(pl.Series(['a', 'bb']), f)[0].to_list()}"
+    assert runs[0].strip() == here
+    # Integer width does not change the id (hashed as Int64).
+    assert encode_ids(pl.Series([7], dtype=pl.Int32), f)[0].to_list() == encode_ids(pl.Series([7]), f)[0].to_list()
+    assert len(HASH_SEEDS) == 4
+
+
+def test_prepare_is_deterministic(tmp_path) -> None:
+    raw = tiny_world(4)
+    m1 = prepare(raw, tmp_path / "a", shards=2)
+    m2 = prepare(tiny_world(4), tmp_path / "b", shards=2)
+    d1, d2 = m1.model_dump(exclude={"timings_s"}), m2.model_dump(exclude={"timings_s"})
+    assert d1 == d2
+    import pyarrow.parquet as pq
+
+    for split, info in m1.splits.items():
+        for shard in info.shards:
+            assert pq.read_table(tmp_path / "a" / shard.path).equals(pq.read_table(tmp_path / "b" / shard.path))
+
+
+def test_request_for_real_exposures_reproduces_the_training_sample(tmp_path) -> None:
+    from mtfm.data.loader import BatchLoader
+
+    raw = tiny_world(6)
+    manifest = prepare(raw, tmp_path)
+    loader = BatchLoader(tmp_path, "test", 1, shuffle=False, seed=0, prefetch=0, scenarios=["A"])
+    batch = next(iter(loader))
+    user, start = int(batch.user_ids[0]), int(batch.window_start[0])
+    exposures = raw.tables["exp_a"].filter((pl.col("user_id") == user) & (pl.col("ts") // WINDOW * WINDOW == start))
+    request = build_request(raw, read_manifest(tmp_path), user, "A", exposures.drop("click", "buy", "p_click"),
+                            request_time=start + WINDOW - 1)
+    for kind in ("history", "realtime"):
+        for name, seq in getattr(batch, kind).items():
+            other = getattr(request, kind)[name]
+            assert seq.timestamps.tolist() == other.timestamps.tolist()
+            for f, t in seq.features.categorical.items():
+                assert t.tolist() == other.features.categorical[f].tolist(), (kind, name, f)
+            for f, t in seq.features.numeric.items():
+                assert t.tolist() == other.features.numeric[f].tolist(), (kind, name, f)
+    want, got = batch.scenarios["A"], request.scenarios["A"]
+    assert want.timestamps.tolist() == got.timestamps.tolist()
+    for group in ("user", "cross", "item"):
+        a, b = getattr(want, group), getattr(got, group)
+        assert {k: v.tolist() for k, v in a.categorical.items()} == {k: v.tolist() for k, v in b.categorical.items()}
+        assert {k: v.tolist() for k, v in a.numeric.items()} == {k: v.tolist() for k, v in b.numeric.items()}
+        assert {k: [x.tolist() for x in v] for k, v in a.multi.items()} == {k: [x.tolist() for x in v] for k, v in b.multi.items()}
+    assert not got.label_mask.any()  # no labels were given
+    assert request.layout.token_type.tolist() == batch.layout.token_type.tolist()
+    assert manifest.samples >= 1
+
+
+def test_request_without_timestamps_keeps_candidate_order_and_rejects_other_windows(tmp_path) -> None:
+    raw = tiny_world(6)
+    prepare(raw, tmp_path)
+    manifest = read_manifest(tmp_path)
+    cands = raw.tables["exp_a"].head(5).drop("user_id", "ts", "click", "buy", "p_click")
+    batch = build_request(raw, manifest, 3, "A", cands, request_time=1234)
+    assert batch.scenarios["A"].item.numeric["rid"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert batch.scenarios["A"].timestamps.tolist() == [1234] * 5
+    with pytest.raises(ValueError, match="outside the request's window"):
+        build_request(raw, manifest, 3, "A", cands.with_columns(pl.lit(5000).alias("ts")), request_time=1234)
+    with pytest.raises(KeyError, match="unknown scenario"):
+        build_request(raw, manifest, 3, "Z", cands, request_time=1234)
+
+
+@settings(max_examples=50, deadline=None)
+@given(weights=st.lists(st.integers(0, 50), min_size=0, max_size=40), min_shards=st.integers(1, 8),
+       max_rows=st.integers(1, 200))
+def test_shard_bounds_cover_every_sample_once_in_non_empty_shards(weights, min_shards, max_rows) -> None:
+    w = np.array(weights, dtype=np.int64)
+    cuts = shard_bounds(w, min_shards, max_rows)
+    assert cuts[0] == 0 and cuts[-1] == w.size
+    if w.size:
+        assert np.all(np.diff(cuts) > 0)
+        assert cuts.size - 1 == min(w.size, max(min_shards, -(-int(w.sum()) // max_rows)))
