@@ -133,3 +133,8 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor, queries: QuerySet, layout: Att
         raise ValueError(f"attention: query width {q.shape[2]} != key width {k.shape[2]}")
     if params.time_bias is not None and params.time_bias.shape[0] != heads:
         raise ValueError(f"attention: time bias has {params.time_bias.shape[0]} heads, queries have {heads}")
+
+
+def empty_output(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``[0, H, dv]`` result for zero queries, still connected to the inputs' graph."""
+    return q.new_zeros((0, q.shape[1], v.shape[2])) + 0 * (q.sum() + k.sum() + v.sum())

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtfm.data.batch import TOKEN_T
-from mtfm.kernels.common import AttentionLayout, AttentionParams, QuerySet, check_shapes, time_buckets
+from mtfm.kernels.common import AttentionLayout, AttentionParams, QuerySet, check_shapes, empty_output, time_buckets
 from mtfm.model.mask import visible
 
 # A bucket may also waste up to this many score cells regardless of the slack, so a tail of
@@ -160,6 +160,8 @@ def jagged_attention(
 ) -> Tensor:
     """Same contract and result as :func:`mtfm.kernels.reference.reference_attention`."""
     check_shapes(q, k, v, queries, layout, params)
+    if queries.num_queries == 0:
+        return empty_output(q, k, v)
     num_tb = params.time_bias.shape[1] if params.time_bias is not None else None
     plan = plan_for(queries, layout, num_tb, params.padding_slack)
     heads, dv = q.shape[1], v.shape[2]

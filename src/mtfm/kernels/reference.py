@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtfm.kernels.common import AttentionLayout, AttentionParams, QuerySet, check_shapes, time_buckets
+from mtfm.kernels.common import AttentionLayout, AttentionParams, QuerySet, check_shapes, empty_output, time_buckets
 from mtfm.model.mask import visible
 
 
@@ -30,7 +30,7 @@ def reference_attention(
     check_shapes(q, k, v, queries, layout, params)
     batch, heads, groups = layout.batch_size, q.shape[1], k.shape[1]
     if queries.num_queries == 0:
-        return q.new_zeros((0, heads, v.shape[2]))
+        return empty_output(q, k, v)
 
     # Keys: every token of the user, padded.
     k_user = layout.user

@@ -53,6 +53,11 @@ class ModelConfig(BaseModel):
         description="compute the non-T key/value projections of a block's K target layers in one "
         "batched matmul (they all see the same non-T tokens)",
     )
+    prune_last_full_layer: bool = Field(
+        default=True,
+        description="when the stack ends with a full layer, compute only its T rows: its non-T outputs "
+        "reach nothing (exact; that layer then costs what a target layer costs)",
+    )
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     layer_norm_eps: float = Field(default=1e-6, gt=0)
 

@@ -97,8 +97,9 @@ class FeatureEmbeddings(nn.Module):
         parts: list[Tensor] = []
         for feat in self.fields[field]:
             if isinstance(feat, NumericFeature):
+                encoder: nn.Linear = self.numeric[module_key(field, feat.name)]
                 x = _checked_numeric(where, feat.name, features.numeric[feat.name], num_rows)
-                parts.append(self.numeric[module_key(field, feat.name)](x[:, None]))
+                parts.append(encoder(x.to(encoder.weight.dtype)[:, None]))
                 continue
             table: nn.Embedding = self.tables[self.table_of[(field, feat.name)]]
             if isinstance(feat, MultiCategoricalFeature):
@@ -187,4 +188,4 @@ def _checked_numeric(where: str, name: str, values: Tensor, num_rows: int) -> Te
     if bool(bad.any()):
         row = int(torch.nonzero(bad)[0])
         raise ValueError(f"{where}: numeric feature {name!r} is {float(values[row])} at row {row}; expected a finite number")
-    return values.float()
+    return values

@@ -81,8 +81,14 @@ def count_flops(model: MTFMBase, batch: JaggedBatch) -> dict[str, int]:
             out["target_proj"] += _linear(n_t, layer.f_uq) + _linear(n_tokens, layer.f_kv) + _linear(n_t, layer.f2)
             out["target_attn"] += target_pairs * pair
         for layer in block.fulls:
-            out["full_proj"] += _linear(n_tokens, layer.f1) + _linear(n_tokens, layer.f2)
-            out["full_attn"] += full_pairs * pair
+            if layer.pruned:  # U, Q and the output only for T rows; K, V for all tokens
+                uq = 2 * n_t * layer.f1.in_features * 2 * heads * dh
+                kv = 2 * n_tokens * layer.f1.in_features * (layer.f1.out_features - 2 * heads * dh)
+                out["full_proj"] += uq + kv + _linear(n_t, layer.f2)
+                out["full_attn"] += target_pairs * pair
+            else:
+                out["full_proj"] += _linear(n_tokens, layer.f1) + _linear(n_tokens, layer.f2)
+                out["full_attn"] += full_pairs * pair
 
     head, out["head"] = model.head, 0
     for name, sc in batch.scenarios.items():

@@ -7,6 +7,11 @@ only), (16:0)x1 (target only), (1:1)x8, (3:1)x4 and (5:1)x3 are all expressible.
 Within a block, the target layers never change the non-T tokens, so the non-T key/value
 projections of the K layers are computed together before the first of them
 (:func:`~mtfm.model.layers.fused_context_kv`, switchable with ``fuse_target_kv``).
+
+Only T-tokens feed the heads, so when the stack ends with a full layer, that layer's non-T
+outputs reach nothing: it is built *pruned* (only T rows queried and updated, exact; see
+``prune_last_full_layer``). Without pruning its non-T work is wasted and the parameters that
+serve only that work get no gradient.
 """
 
 from __future__ import annotations
@@ -35,13 +40,18 @@ class TokenGroups:
 class HTABlock(nn.Module):
     """K target-attention layers, then P full-attention layers."""
 
-    def __init__(self, config: ModelConfig, groups: list[str], target_groups: list[str]) -> None:
+    def __init__(self, config: ModelConfig, groups: list[str], target_groups: list[str], last: bool = False) -> None:
+        """``last``: the stack's last block; its last full layer is pruned when the config says so."""
         super().__init__()
         self.fuse_kv = config.fuse_target_kv
         self.targets = nn.ModuleList(
             TargetAttentionLayer(config, groups, target_groups) for _ in range(config.target_layers_per_block)
         )
-        self.fulls = nn.ModuleList(FullAttentionLayer(config, groups) for _ in range(config.full_layers_per_block))
+        p = config.full_layers_per_block
+        prune = last and config.prune_last_full_layer
+        self.fulls = nn.ModuleList(
+            FullAttentionLayer(config, groups, target_groups if prune and i == p - 1 else None) for i in range(p)
+        )
 
     def forward(self, x: Tensor, groups: TokenGroups, layout: AttentionLayout) -> Tensor:
         if len(self.targets):
@@ -58,13 +68,13 @@ class HTABlock(nn.Module):
                 x_t = layer(x_t, g_t, groups.target, k_ctx, v_ctx, layout)
             x = x.index_copy(0, tgt, x_t.to(x.dtype))
         for layer in self.fulls:
-            x = layer(x, groups.all, layout)
+            x = layer(x, groups, layout)
         return x
 
     def subset(self, groups: list[str], target_groups: list[str]) -> "HTABlock":
         new = shallow_copy(self)
         new.targets = nn.ModuleList(layer.subset(groups, target_groups) for layer in self.targets)
-        new.fulls = nn.ModuleList(layer.subset(groups) for layer in self.fulls)
+        new.fulls = nn.ModuleList(layer.subset(groups, target_groups) for layer in self.fulls)
         return new
 
 
@@ -73,7 +83,9 @@ class HTAStack(nn.Module):
 
     def __init__(self, config: ModelConfig, groups: list[str], target_groups: list[str]) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(HTABlock(config, groups, target_groups) for _ in range(config.blocks))
+        self.blocks = nn.ModuleList(
+            HTABlock(config, groups, target_groups, last=i == config.blocks - 1) for i in range(config.blocks)
+        )
 
     def forward(self, x: Tensor, groups: TokenGroups, layout: AttentionLayout) -> Tensor:
         for block in self.blocks:

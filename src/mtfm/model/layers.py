@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from torch import Tensor, nn
 from mtfm.kernels import AttentionLayout, AttentionParams, hstu_attention
 from mtfm.model.config import ModelConfig
 from mtfm.model.embedding import module_key
+
+if TYPE_CHECKING:
+    from mtfm.model.hta import TokenGroups
 
 
 class MLP(nn.Sequential):
@@ -135,24 +139,40 @@ class _HSTULayer(nn.Module):
 
 
 class FullAttentionLayer(_HSTULayer):
-    """HSTU attention with GQA over all tokens (eq. 7-10)."""
+    """HSTU attention with GQA over all tokens (eq. 7-10).
 
-    def __init__(self, config: ModelConfig, groups: list[str]) -> None:
-        super().__init__(config, groups, groups)
+    With ``target_groups`` the layer is the last of the stack and *pruned*: its non-T outputs
+    would reach nothing, so only the T rows are queried and updated (keys and values still
+    come from all tokens) and its output GLN only holds the T groups. On the T rows this is
+    exactly the unpruned layer; the other rows are returned unchanged.
+    """
+
+    def __init__(self, config: ModelConfig, groups: list[str], target_groups: list[str] | None = None) -> None:
+        self.pruned = target_groups is not None
+        super().__init__(config, groups, target_groups if target_groups is not None else groups)
         width = self.heads * self.dh
         self.f1 = nn.Linear(config.d_model, 2 * width + 2 * self.kv_groups * self.dh)
 
-    def forward(self, x: Tensor, group_ids: Tensor, layout: AttentionLayout) -> Tensor:
+    def forward(self, x: Tensor, groups: "TokenGroups", layout: AttentionLayout) -> Tensor:
         width = self.heads * self.dh
-        h = F.silu(self.f1(self.gln_in(x, group_ids)))
-        u, q, kv = h.split([width, width, 2 * self.kv_groups * self.dh], dim=-1)
-        k, v = self._split_kv(kv)
-        a = self._attend(q, k, v, layout.queries("all"), layout)
-        return self._output(x, a, u, group_ids)
+        xn = self.gln_in(x, groups.all)
+        if not self.pruned:
+            u, q, kv = F.silu(self.f1(xn)).split([width, width, 2 * self.kv_groups * self.dh], dim=-1)
+            k, v = self._split_kv(kv)
+            a = self._attend(q, k, v, layout.queries("all"), layout)
+            return self._output(x, a, u, groups.all)
+        targets = layout.queries("target").index
+        w, b = self.f1.weight, self.f1.bias
+        u, q = F.silu(F.linear(xn[targets], w[: 2 * width], b[: 2 * width])).split([width, width], dim=-1)
+        k, v = self._split_kv(F.silu(F.linear(xn, w[2 * width :], b[2 * width :])))
+        a = self._attend(q, k, v, layout.queries("target"), layout)
+        x_t = self._output(x[targets], a, u, groups.target)
+        return x.index_copy(0, targets, x_t.to(x.dtype))
 
-    def subset(self, groups: list[str]) -> "FullAttentionLayer":
+    def subset(self, groups: list[str], target_groups: list[str]) -> "FullAttentionLayer":
         new = shallow_copy(self)
-        new.gln_in, new.gln_attn = self.gln_in.subset(groups), self.gln_attn.subset(groups)
+        new.gln_in = self.gln_in.subset(groups)
+        new.gln_attn = self.gln_attn.subset(target_groups if self.pruned else groups)
         return new
 
 

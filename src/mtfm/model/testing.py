@@ -25,6 +25,18 @@ from mtfm.config import (
     schema_from_dict,
 )
 from mtfm.data.batch import FeatureTensors, JaggedBatch, ScenarioBatch, SequenceBatch, build_token_layout
+from mtfm.model.config import ModelConfig
+
+
+def tiny_config(**overrides: object) -> ModelConfig:
+    """A model small enough for property tests on two CPU cores: (1:1)x2, d_model 16, H 2, G 1."""
+    base: dict[str, object] = dict(
+        d_model=16, num_heads=2, num_kv_groups=1, blocks=2, target_layers_per_block=1, full_layers_per_block=1,
+        embedding_dim=4, numeric_dim=2, tokenizer_hidden=[16], mmoe_num_experts=2, mmoe_expert_hidden=[16],
+        mmoe_expert_dim=8, mmoe_tower_hidden=[8], attention_norm_len=16,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
 
 
 def tiny_schema() -> DataSchema:
