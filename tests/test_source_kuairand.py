@@ -16,6 +16,7 @@ import pytest
 from mtfm.config import SchemaError, schema_from_dict
 from mtfm.data.sources import kuairand
 from mtfm.data.sources.tabular import SourceFileError, packaged_schema, scenario_columns, sequence_columns
+from mtfm.data.validate import validate_raw
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +142,10 @@ def test_tables_carry_the_schema_columns_without_nulls(generated: Path):
     assert raw.tables["clicks"].null_count().sum_horizontal().item() == 0
 
 
+def test_tables_pass_the_data_layer_checks(generated: Path):
+    validate_raw(kuairand.load_source(str(generated), None, None, seed=0))  # dtypes, id ranges, labels
+
+
 def test_missing_codes_become_category_zero(generated: Path):
     raw = kuairand.load_source(str(generated), None, None, seed=0)
     users = pl.read_csv(generated / kuairand.USER_FILE)
@@ -263,6 +268,7 @@ def test_real_side_tables_load(real_side_tables: Path):
     # The real table writes a missing is_live_streamer as -124 for most users: category 0.
     live = raw.tables["tab_0"]["is_live_streamer_id"]
     assert set(live.unique().to_list()) <= {0, 2} and (live == 0).any()
+    validate_raw(raw)
     videos = pl.read_csv(real_side_tables / kuairand.VIDEO_FILE)
     assert raw.tables["tab_1"]["video_id"].is_in(videos["video_id"].implode()).all()
 

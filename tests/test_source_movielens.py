@@ -17,6 +17,7 @@ import pytest
 
 from mtfm.config import SchemaError, schema_from_dict
 from mtfm.data.sources import movielens
+from mtfm.data.validate import validate_raw
 from mtfm.data.sources.tabular import SourceFileError, packaged_schema, scenario_columns, sequence_columns
 
 
@@ -162,6 +163,10 @@ def test_tiny_tables_have_exactly_the_schema_columns_and_no_nulls(tiny: Path):
     for seq in [*raw.schema.history, *raw.schema.realtime]:
         assert set(sequence_columns(raw.schema, seq)) <= set(raw.tables[seq.table].columns)
     assert raw.tables["ratings"].null_count().sum_horizontal().item() == 0
+
+
+def test_tiny_tables_pass_the_data_layer_checks(tiny: Path):
+    validate_raw(movielens.load_source(str(tiny), None, None, seed=0))  # dtypes, id ranges, labels
 
 
 def test_tiny_unknown_release_date_and_odd_zip_get_their_own_buckets(tiny: Path):
@@ -322,6 +327,10 @@ def test_real_tables_have_schema_columns(real):
     for spec in real.schema.scenarios:
         assert real.tables[spec.table].columns == scenario_columns(real.schema, spec)
         assert real.tables[spec.table].null_count().sum_horizontal().item() == 0
+
+
+def test_real_tables_pass_the_data_layer_checks(real):
+    validate_raw(real)
 
 
 def test_real_users_limit(real_dir: Path):
