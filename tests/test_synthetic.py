@@ -366,3 +366,22 @@ def test_past_ctr_and_counts_match_a_brute_force_loop(events):
         want = (click[past].sum() + syn.CTR_PRIOR_WEIGHT * 0.04) / (past.sum() + syn.CTR_PRIOR_WEIGHT)
         assert got[i] == pytest.approx(want)
         assert counts[i] == past.sum()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(1e-6, 1.0), min_size=1, max_size=60), st.integers(0, 2**32 - 1))
+def test_guided_cdf_equals_searchsorted(weights, seed):
+    cdf = np.cumsum(weights) / np.sum(weights)
+    cdf[-1] = 1.0
+    x = np.random.default_rng(seed).random(2000)
+    x[:3] = [0.0, cdf[0], np.nextafter(1.0, 0.0)]  # bucket and item edges
+    want = np.minimum(np.searchsorted(cdf, x, side="right"), cdf.size - 1)
+    assert np.array_equal(syn._GuidedCdf(cdf, 1.0)(x), want)
+
+
+def test_sorted_search_equals_searchsorted():
+    rng = np.random.default_rng(3)
+    keys = np.sort(rng.integers(0, 1000, 500))
+    queries = rng.integers(-5, 1005, 3000)
+    got = syn._sorted_search(keys, queries, np.argsort(queries, kind="stable"))
+    assert np.array_equal(got, np.searchsorted(keys, queries, side="left"))
