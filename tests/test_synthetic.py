@@ -242,6 +242,8 @@ def test_every_click_and_order_follows_its_exposure(world):
         assert matched.select("user_id", "ts", "item_id").unique().height == clicked.unique().height
         assert orders.filter(pl.col("scenario") == k, pl.col("ts") >= syn.START_TS).height == df["conversion"].sum()
         pages.append(df.select("user_id", "ts").unique())
+        assert df.select("request_id", item).unique().height == df.height  # no item twice in a page
+        assert df.select("user_id", "ts").unique().height == df["request_id"].n_unique()
     # Feed pages of a user (all scenarios) are more than the longest click delay apart.
     gaps = pl.concat(pages).unique().sort("user_id", "ts").select(
         pl.col("ts").diff().over("user_id").alias("gap")).drop_nulls()

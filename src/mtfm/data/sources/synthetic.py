@@ -746,6 +746,7 @@ def _pick_items(cfg: SyntheticConfig, catalogs: list[_Catalog], users: _Users, e
         u_item = rng.random(sel.size)
         personal = rng.random(sel.size) < cfg.personalization
         item[sel] = np.where(personal, cat.sample_in_cuisine(taste, u_item), cat.sample_popular(u_item))
+        _dedupe_pages(ex["page"][sel], item, sel, cat, rng)
     ex["item"] = item
     ex["cuisine"] = np.zeros(m, dtype=np.int64)
     ex["price_bucket"] = np.zeros(m, dtype=np.int64)
@@ -753,6 +754,26 @@ def _pick_items(cfg: SyntheticConfig, catalogs: list[_Catalog], users: _Users, e
         sel = np.flatnonzero(ex["scenario"] == j)
         ex["cuisine"][sel] = cat.cuisine[item[sel]]
         ex["price_bucket"][sel] = cat.price_bucket[item[sel]]
+
+
+def _dedupe_pages(page: np.ndarray, item: np.ndarray, sel: np.ndarray, cat: _Catalog,
+                  rng: np.random.Generator, rounds: int = 64) -> None:
+    """Redraw repeated items inside a page (a feed never shows one item twice in a request).
+
+    Repeats are redrawn from the same cuisine (keeping the taste mix), after a few rounds from
+    overall popularity; only the few repeated slots are touched, so this converges quickly.
+    """
+    for r in range(rounds):
+        key = page * cat.size + item[sel]
+        order = np.argsort(key, kind="stable")
+        dup = np.zeros(sel.size, dtype=bool)
+        dup[order[1:]] = key[order[1:]] == key[order[:-1]]
+        if not dup.any():
+            return
+        redo = sel[dup]
+        u = rng.random(redo.size)
+        item[redo] = cat.sample_in_cuisine(cat.cuisine[item[redo]], u) if r < 8 else cat.sample_popular(u)
+    raise RuntimeError("synthetic: could not fill feed pages with distinct items; the catalog is too small")
 
 
 def _scenario_logits(d: ScenarioDef, cat: _Catalog, users: _Users, u: np.ndarray, items: np.ndarray,
