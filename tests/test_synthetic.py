@@ -16,8 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtfm.config import CategoricalFeature, DataSchema, NumericFeature, SchemaError, schema_from_dict
+from mtfm.data.aggregate import prepare
 from mtfm.data.sources import synthetic as syn
 from mtfm.data.sources.synthetic import SyntheticConfig, generate, load_source, synthetic_schema, write_parquet
+from mtfm.data.validate import validate_raw
 from mtfm.metrics import auc, gauc
 
 SCENARIO_TABLES = ["exposures_hp", "exposures_phf", "exposures_sqs"]
@@ -151,6 +153,16 @@ def test_every_schema_column_exists_with_the_right_dtype(world):
                 assert df[f.name].max() < f.num_embeddings
     assert world.tables["exposures_phf"].schema["dish_tags"] == pl.List(pl.Int32)
     assert world.tables["exposures_phf"]["dish_tags"].list.len().max() <= syn.MAX_DISH_TAGS
+
+
+def test_tables_pass_the_data_layer_validation_and_aggregate_without_drops(world, tmp_path):
+    validate_raw(world)
+    validate_raw(generate(SyntheticConfig(users=300, seed=1, num_scenarios=5)))
+    small = generate(SyntheticConfig(users=400, seed=1))
+    manifest = prepare(small, tmp_path)
+    assert manifest.dropped == {}
+    assert manifest.output_exposures == manifest.input_exposures == sum(small.info["exposures"].values())
+    assert all(manifest.splits[s].exposures > 0 for s in ("train", "valid", "test"))
 
 
 def test_exposures_lie_in_the_exposure_days_and_behaviour_has_a_pre_period(world):
