@@ -76,7 +76,9 @@ def setup(requested_device: str = "auto") -> DistContext:
 
 
 def teardown(ctx: DistContext) -> None:
+    """Leave together: a rank that destroys its gloo group while a peer still works can abort."""
     if ctx.initialized and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
