@@ -270,7 +270,8 @@ def test_cross_and_user_features_are_computed_from_strictly_earlier_events(world
         own_orders = orders.filter(pl.col("user_id") == user)
         for row in ex.iter_rows(named=True):
             past = ex.filter(pl.col("ts") < row["ts"], pl.col("cuisine") == row["cuisine"])
-            want_ctr = (past["click"].sum() + syn.CTR_PRIOR_WEIGHT * 0.04) / (past.height + syn.CTR_PRIOR_WEIGHT)
+            prior = syn.CTR_PRIOR_WEIGHT * syn.CTR_PRIOR
+            want_ctr = (past["click"].sum() + prior) / (past.height + syn.CTR_PRIOR_WEIGHT)
             assert row["hp_user_cuisine_ctr"] == pytest.approx(want_ctr, rel=1e-5)
             want_orders = own_orders.filter(pl.col("ts") < row["ts"], pl.col("cuisine") == row["cuisine"]).height
             assert row["hp_user_cuisine_orders"] == want_orders
@@ -371,13 +372,13 @@ def test_row_sampler_draws_each_row_from_its_own_distribution():
 def test_past_ctr_and_counts_match_a_brute_force_loop(events):
     user, cuisine, ts, click = (np.array(x) for x in zip(*events))
     span = 100
-    got = syn._past_ctr(user, cuisine, ts, click, span, prior=0.04)
+    got = syn._past_ctr(user, cuisine, ts, click, span, prior=syn.CTR_PRIOR)
     keys = np.sort((user * syn.NUM_CUISINES + cuisine) * span + ts)
     g = user * syn.NUM_CUISINES + cuisine
     counts = syn._count_before(keys, g, g * span + ts, span)
     for i in range(len(events)):
         past = (user == user[i]) & (cuisine == cuisine[i]) & (ts < ts[i])
-        want = (click[past].sum() + syn.CTR_PRIOR_WEIGHT * 0.04) / (past.sum() + syn.CTR_PRIOR_WEIGHT)
+        want = (click[past].sum() + syn.CTR_PRIOR_WEIGHT * syn.CTR_PRIOR) / (past.sum() + syn.CTR_PRIOR_WEIGHT)
         assert got[i] == pytest.approx(want)
         assert counts[i] == past.sum()
 

@@ -83,6 +83,7 @@ MIN_PAGE_GAP_S = CLICK_DELAY_S[1] + 1  # so all clicks of a page precede the use
 MAX_PAGES_PER_DAY = 40  # per user-day over all scenarios; keeps every page inside its day
 ITEM_ID_STRIDE = 1_000_000  # raw item id = scenario index * stride + catalog index
 CTR_PRIOR_WEIGHT = 5.0  # pseudo-exposures of the smoothed past-CTR cross feature
+CTR_PRIOR = 0.04  # the CTR those pseudo-exposures carry
 HISTORY_MAX_LEN = 64
 REALTIME_MAX_LEN = 32
 SCENARIO_SEARCH = 0  # scenario id of organic (search) behaviour in the behaviour tables
@@ -988,21 +989,28 @@ def _events_frame(ev: _Events, uid: np.ndarray, with_amount: bool) -> pl.DataFra
     return _frame(cols)
 
 
-def _generate_block(cfg: SyntheticConfig, defs: list[ScenarioDef], catalogs: list[_Catalog], block: int
-                    ) -> dict[str, pl.DataFrame]:
-    """All tables for users ``[block * block_users, ...)``, from an RNG seeded by (seed, block)."""
-    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 1, block]))
-    first = block * cfg.block_users
-    users = _make_users(cfg, defs, rng, first, min(cfg.block_users, cfg.users - first))
-    tbase = cfg.start_ts - cfg.history_days * DAY
-    tend = cfg.start_ts + cfg.days * DAY
-    span = (cfg.history_days + cfg.days + 2) * DAY
+@dataclass(frozen=True)
+class _Clock:
+    """Time frame of a world: behaviour starts at ``tbase``, exposures in [start, end)."""
 
-    pre_clicks = _organic_events(rng, defs, catalogs, users, (tbase, cfg.start_ts), 3.0, True, 1.0)
-    pre_orders = _organic_events(rng, defs, catalogs, users, (tbase, cfg.start_ts), 0.6, True, 1.3)
-    search_clicks = _organic_events(rng, defs, catalogs, users, (cfg.start_ts, tend), 0.8, False, 1.0)
-    search_orders = _organic_events(rng, defs, catalogs, users, (cfg.start_ts, tend), 0.2, False, 1.3)
+    tbase: int
+    start: int
+    end: int
+    span: int  # > any relative time (orders may land after the last exposure day)
 
+    @staticmethod
+    def of(cfg: SyntheticConfig) -> "_Clock":
+        return _Clock(cfg.start_ts - cfg.history_days * DAY, cfg.start_ts, cfg.start_ts + cfg.days * DAY,
+                      (cfg.history_days + cfg.days + 2) * DAY)
+
+
+def _simulate_feeds(cfg: SyntheticConfig, defs: list[ScenarioDef], catalogs: list[_Catalog], users: _Users,
+                    organic_clicks: _Events, clock: _Clock, rng: np.random.Generator
+                    ) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """Pages, items, clicks and conversions of every exposure of a block (scenario order).
+
+    Returns the exposure arrays and, per scenario, its exposure-level item columns.
+    """
     ex = _expand_pages(defs, _make_pages(cfg, users, rng))
     _pick_items(cfg, catalogs, users, ex, rng)
     m = ex["user"].size
@@ -1015,54 +1023,83 @@ def _generate_block(cfg: SyntheticConfig, defs: list[ScenarioDef], catalogs: lis
                                               price, rng)
         ex["base_click"][sel], ex["base_conv"][sel] = click, conv
         extras.append(extra)
-    _simulate_clicks(cfg, ex, _Events.concat([pre_clicks, search_clicks]), tbase, span, rng)
+    _simulate_clicks(cfg, ex, organic_clicks, clock.tbase, clock.span, rng)
     ex["p_conv"] = _sigmoid(ex["base_conv"])
     ex["conversion"] = ex["click"] & (rng.random(m) < ex["p_conv"])
-    order_ts = ex["click_ts"] + rng.integers(ORDER_DELAY_S[0], ORDER_DELAY_S[1] + 1, m)
+    ex["order_ts"] = ex["click_ts"] + rng.integers(ORDER_DELAY_S[0], ORDER_DELAY_S[1] + 1, m)
+    return ex, extras
 
+
+def _feed_events(defs: list[ScenarioDef], catalogs: list[_Catalog], ex: dict[str, np.ndarray],
+                 rng: np.random.Generator) -> tuple[_Events, _Events]:
+    """The feeds' clicks and orders as behaviour rows (scenario ids 1..S)."""
     item_id = np.array([d.index for d in defs])[ex["scenario"]] * ITEM_ID_STRIDE + ex["item"]
-    amount = np.zeros(m)
+    amount = np.zeros(ex["user"].size)
     for j, (d, cat) in enumerate(zip(defs, catalogs)):
         sel = np.flatnonzero((ex["scenario"] == j) & ex["conversion"])
         amount[sel] = _order_amount(rng, d, cat, ex["item"][sel])
-    scen_id = ex["scenario"] + 1
 
-    def feed_events(mask: np.ndarray, ts: np.ndarray) -> _Events:
-        return _Events(ex["user"][mask], ts[mask], scen_id[mask], item_id[mask], ex["cuisine"][mask],
+    def rows(mask: np.ndarray, ts: np.ndarray) -> _Events:
+        return _Events(ex["user"][mask], ts[mask], ex["scenario"][mask] + 1, item_id[mask], ex["cuisine"][mask],
                        ex["price_bucket"][mask], amount[mask])
 
-    clicks = _Events.concat([pre_clicks, search_clicks, feed_events(ex["click"], ex["click_ts"])])
-    orders = _Events.concat([pre_orders, search_orders, feed_events(ex["conversion"], order_ts)])
+    return rows(ex["click"], ex["click_ts"]), rows(ex["conversion"], ex["order_ts"])
 
-    rel_ts = ex["ts"] - tbase
-    okeys = np.sort((orders.user * NUM_CUISINES + orders.cuisine) * span + (orders.ts - tbase))
+
+def _scenario_frame(cfg: SyntheticConfig, d: ScenarioDef, cat: _Catalog, users: _Users, ex: dict[str, np.ndarray],
+                    sel: np.ndarray, extra: dict[str, np.ndarray], past: dict[str, np.ndarray],
+                    clock: _Clock, rng: np.random.Generator) -> pl.DataFrame:
+    """The exposure table of one scenario: ids, user / cross / item features, labels, oracles."""
+    u = ex["user"][sel]
+    ctr = _past_ctr(u, ex["cuisine"][sel], ex["ts"][sel] - clock.tbase, ex["click"][sel], clock.span, CTR_PRIOR)
+    cols: dict[str, tuple[np.ndarray | pl.Series, pl.DataType]] = {
+        "user_id": (users.uid[u], _ID), "ts": (ex["ts"][sel], _ID),
+        "request_id": (users.uid[u] * (cfg.days * MAX_PAGES_PER_DAY) + ex["rank"][sel], _ID),
+    }
+    cols |= _user_columns(d, users, u, {k: v[sel] for k, v in past.items()})
+    cols[f"{d.prefix}_user_cuisine_ctr"] = (ctr, _NUM)
+    cols[f"{d.prefix}_user_cuisine_orders"] = (past["cuisine_orders"][sel], _NUM)
+    cols |= _item_columns(d, cat, ex["item"][sel], extra)
+    click, conv = ex["click"][sel], ex["conversion"][sel]
+    p_ctr, p_ctcvr = ex["p_click"][sel], ex["p_click"][sel] * ex["p_conv"][sel]
+    cols |= {"click": (click, _LABEL), "conversion": (conv, _LABEL), "p_ctr": (p_ctr, _PROB),
+             "p_ctcvr": (p_ctcvr, _PROB)}
+    if d.kind == "coupon":
+        p_w, p_i, u_w, u_i = _redemptions(users, cat, u, ex["item"][sel], ex["cuisine"][sel], rng)
+        write = conv & (u_w < p_w)
+        cols |= {"redeem_30m": (write & (u_i < p_i), _LABEL), "redeem_24h": (write, _LABEL),
+                 "p_imd": (p_ctcvr * p_w * p_i, _PROB), "p_write": (p_ctcvr * p_w, _PROB)}
+    return _frame(cols)
+
+
+def _generate_block(cfg: SyntheticConfig, defs: list[ScenarioDef], catalogs: list[_Catalog], block: int
+                    ) -> dict[str, pl.DataFrame]:
+    """All tables for users ``[block * block_users, ...)``, from an RNG seeded by (seed, block)."""
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 1, block]))
+    first = block * cfg.block_users
+    users = _make_users(cfg, defs, rng, first, min(cfg.block_users, cfg.users - first))
+    clock = _Clock.of(cfg)
+    pre, during = (clock.tbase, clock.start), (clock.start, clock.end)
+    pre_clicks = _organic_events(rng, defs, catalogs, users, pre, 3.0, True, 1.0)
+    pre_orders = _organic_events(rng, defs, catalogs, users, pre, 0.6, True, 1.3)
+    search_clicks = _organic_events(rng, defs, catalogs, users, during, 0.8, False, 1.0)
+    search_orders = _organic_events(rng, defs, catalogs, users, during, 0.2, False, 1.3)
+
+    ex, extras = _simulate_feeds(cfg, defs, catalogs, users, _Events.concat([pre_clicks, search_clicks]), clock, rng)
+    feed_clicks, feed_orders = _feed_events(defs, catalogs, ex, rng)
+    clicks = _Events.concat([pre_clicks, search_clicks, feed_clicks])
+    orders = _Events.concat([pre_orders, search_orders, feed_orders])
+
+    okeys = np.sort((orders.user * NUM_CUISINES + orders.cuisine) * clock.span + (orders.ts - clock.tbase))
     g = ex["user"] * NUM_CUISINES + ex["cuisine"]
-    cuisine_orders = _count_before(okeys, g, g * span + rel_ts, span)
-    daily = _daily_user_features(orders, ex["user"], ex["ts"], tbase, span)
+    past = _daily_user_features(orders, ex["user"], ex["ts"], clock.tbase, clock.span)
+    past["cuisine_orders"] = _count_before(okeys, g, g * clock.span + (ex["ts"] - clock.tbase), clock.span)
 
-    tables: dict[str, pl.DataFrame] = {}
-    for j, (d, cat) in enumerate(zip(defs, catalogs)):
-        sel = np.flatnonzero(ex["scenario"] == j)
-        u = ex["user"][sel]
-        ctr = _past_ctr(u, ex["cuisine"][sel], rel_ts[sel], ex["click"][sel], span, 0.04)
-        cols: dict[str, tuple[np.ndarray | pl.Series, pl.DataType]] = {
-            "user_id": (users.uid[u], _ID), "ts": (ex["ts"][sel], _ID),
-            "request_id": (users.uid[u] * (cfg.days * MAX_PAGES_PER_DAY) + ex["rank"][sel], _ID),
-        }
-        cols |= _user_columns(d, users, u, {k: v[sel] for k, v in daily.items()})
-        cols[f"{d.prefix}_user_cuisine_ctr"] = (ctr, _NUM)
-        cols[f"{d.prefix}_user_cuisine_orders"] = (cuisine_orders[sel], _NUM)
-        cols |= _item_columns(d, cat, ex["item"][sel], extras[j])
-        click, conv = ex["click"][sel], ex["conversion"][sel]
-        p_ctr, p_ctcvr = ex["p_click"][sel], ex["p_click"][sel] * ex["p_conv"][sel]
-        cols |= {"click": (click, _LABEL), "conversion": (conv, _LABEL), "p_ctr": (p_ctr, _PROB),
-                 "p_ctcvr": (p_ctcvr, _PROB)}
-        if d.kind == "coupon":
-            p_w, p_i, u_w, u_i = _redemptions(users, cat, u, ex["item"][sel], ex["cuisine"][sel], rng)
-            write = conv & (u_w < p_w)
-            cols |= {"redeem_30m": (write & (u_i < p_i), _LABEL), "redeem_24h": (write, _LABEL),
-                     "p_imd": (p_ctcvr * p_w * p_i, _PROB), "p_write": (p_ctcvr * p_w, _PROB)}
-        tables[d.table] = _frame(cols)
+    tables = {
+        d.table: _scenario_frame(cfg, d, cat, users, ex, np.flatnonzero(ex["scenario"] == j), extras[j], past,
+                                 clock, rng)
+        for j, (d, cat) in enumerate(zip(defs, catalogs))
+    }
     tables["clicks"] = _events_frame(clicks, users.uid, with_amount=False)
     tables["orders"] = _events_frame(orders, users.uid, with_amount=True)
     return tables
