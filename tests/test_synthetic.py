@@ -400,3 +400,15 @@ def test_sorted_search_equals_searchsorted():
     queries = rng.integers(-5, 1005, 3000)
     got = syn._sorted_search(keys, queries, np.argsort(queries, kind="stable"))
     assert np.array_equal(got, np.searchsorted(keys, queries, side="left"))
+
+
+def test_oracle_summary_and_command_line(world, tmp_path, capsys):
+    summary = syn.oracle_summary(world, since=world.schema.split.test_start)
+    assert summary.select("scenario", "task").rows() == [
+        (s.name, t.name) for s in world.schema.scenarios for t in s.tasks]
+    hp = world.tables["exposures_hp"].filter(pl.col("ts") >= world.schema.split.test_start)
+    assert summary.row(0, named=True)["rate"] == pytest.approx(hp["click"].mean())
+    assert syn.main(["--users", "300", "--block-users", "128", "--users-per-chunk", "256", "--out", str(tmp_path)]) == 0
+    assert "exposures_per_s" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "clicks").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert syn.load_schema(tmp_path / "schema.yaml") == synthetic_schema(3)
