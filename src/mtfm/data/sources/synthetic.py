@@ -1249,6 +1249,11 @@ def load_source(path: str | None, schema: DataSchema | None, users: int | None, 
                                  num_scenarios=_num_scenarios_for(schema))
     except ValidationError as err:
         raise ValueError(f"synthetic source: invalid arguments: {err}") from None
+    split, clock = schema.split, _Clock.of(config)
+    for name, at in (("valid_start", split.valid_start), ("test_start", split.test_start)):
+        if at is not None and not clock.start < at < clock.end:
+            raise SchemaError(f"synthetic source: split.{name}={at} lies outside the exposure days "
+                              f"[{clock.start}, {clock.end}) of the synthetic world")
     raw = generate(config)
     check_compatible(schema, raw.tables)
     names = [s.table for s in schema.scenarios] + [q.table for q in (*schema.history, *schema.realtime)]
