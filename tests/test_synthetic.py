@@ -198,7 +198,7 @@ def test_load_source_names_table_and_column_of_an_incompatible_schema():
         load_source(None, schema_from_dict(raw), 200, 0)
     assert "exposures_sqs: column 'shelf_life'" in str(err.value)
     assert "exposures_hp: column 'cuisine': expected a list column" in str(err.value)
-    with pytest.raises(SchemaError, match="split.test_start=.* outside the exposure days"):
+    with pytest.raises(SchemaError, match=r"split\.valid_start=\d+ lies outside the exposure days"):
         load_source(None, synthetic_schema(3, days=20), 200, 0)
     raw = synthetic_schema(3).model_dump(mode="json")
     raw["scenarios"][0]["name"] = "XYZ"
