@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtfm.data.batch import TOKEN_H, TOKEN_R, TOKEN_T, TokenLayout
-from mtfm.kernels import AttentionLayout, AttentionParams, hstu_attention
+from mtfm.kernels import AttentionLayout, AttentionParams, hstu_attention, jagged
 from mtfm.kernels.jagged import _MIN_WASTE, group_users, plan_for
 from mtfm.model.mask import dense_user_mask
 
@@ -76,18 +78,26 @@ heads_groups = st.sampled_from([(1, 1), (2, 1), (4, 2), (4, 4), (3, 1)])
     shapes=user_shapes,
     hg=heads_groups,
     kind=st.sampled_from(["all", "target"]),
-    bias=st.booleans(),
+    bias=st.sampled_from([(0, 0), (6, 0), (0, 5), (6, 5)]),
     slack=st.sampled_from([0.0, 0.25, 4.0]),
+    chunk=st.sampled_from([1, 7, 1 << 18]),
     seed=st.integers(0, 10_000),
 )
-def test_jagged_attention_matches_reference_forward_and_backward(shapes, hg, kind, bias, slack, seed):
+def test_jagged_attention_matches_reference_forward_and_backward(shapes, hg, kind, bias, slack, chunk, seed):
     layout = _layout(shapes, seed)
     heads, groups = hg
     queries, q, k, v = _inputs(layout, kind, heads, groups, 4, seed)
-    table = torch.randn(heads, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) if bias else None
-    params = AttentionParams(alpha=0.5, norm=1 / 8, num_kv_groups=groups, time_bias=table, padding_slack=slack)
-    ref, ref_grads = _run("reference", q, k, v, queries, layout, params)
-    jag, jag_grads = _run("jagged", q, k, v, queries, layout, params)
+    time_buckets, position_buckets = bias
+    table = None
+    if time_buckets or position_buckets:
+        width = max(time_buckets, 1) * max(position_buckets, 1)
+        table = torch.randn(heads, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64, requires_grad=True)
+    params = AttentionParams(alpha=0.5, norm=1 / 8, num_kv_groups=groups, bias=table, time_buckets=time_buckets,
+                             position_buckets=position_buckets, padding_slack=slack)
+    wrt = (q, k, v) if table is None else (q, k, v, table)
+    ref, ref_grads = _run("reference", q, k, v, queries, layout, params, wrt)
+    with mock.patch.object(jagged, "_CHUNK_CELLS", chunk):  # small chunks exercise the kernel's chunk loop
+        jag, jag_grads = _run("jagged", q, k, v, queries, layout, params, wrt)
     torch.testing.assert_close(jag, ref, rtol=1e-10, atol=1e-12)
     for a, b in zip(jag_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -177,4 +187,5 @@ def test_jagged_buckets_cover_every_user_once_with_bounded_padding(q_len, c_len,
 def test_jagged_plan_is_built_once_per_batch_and_shared_by_layers():
     layout = _layout([(5, 3, 2), (2, 2, 4)], 0)
     queries = layout.queries("target")
-    assert plan_for(queries, layout, None, 0.25) is plan_for(layout.queries("target"), layout, None, 0.25)
+    params = AttentionParams(alpha=1.0, norm=1.0, num_kv_groups=1)
+    assert plan_for(queries, layout, params) is plan_for(layout.queries("target"), layout, params)

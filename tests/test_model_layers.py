@@ -66,8 +66,8 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
 @given(seed=st.integers(0, 10_000), hg=st.sampled_from([(2, 1), (2, 2), (4, 2)]), bias=st.booleans(),
        backend=st.sampled_from(["reference", "jagged"]))
 def test_target_layer_equals_full_layer_with_non_target_rows_discarded(seed, hg, bias, backend):
-    cfg = tiny_config(num_heads=hg[0], num_kv_groups=hg[1], relative_time_bias=bias, attention_backend=backend,
-                      target_layers_per_block=1, full_layers_per_block=0)
+    cfg = tiny_config(num_heads=hg[0], num_kv_groups=hg[1], relative_time_bias=bias, relative_position_bias=bias,
+                      attention_backend=backend, target_layers_per_block=1, full_layers_per_block=0)
     target_block = HTABlock(cfg, GROUPS, TARGET_GROUPS).double()
     _randomise(target_block, seed)
     layer: TargetAttentionLayer = target_block.targets[0]
@@ -83,6 +83,7 @@ def test_target_layer_equals_full_layer_with_non_target_rows_discarded(seed, hg,
             full.gln_attn.bias[key].copy_(layer.gln_attn.bias[key])
         if bias:
             full.time_bias.copy_(layer.time_bias)
+            full.position_bias.copy_(layer.position_bias)
     batch, layout, groups = _batch_and_groups(seed)
     x = torch.randn(layout.num_tokens, cfg.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     is_t = layout.token_type == TOKEN_T

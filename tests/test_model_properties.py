@@ -18,10 +18,11 @@ from mtfm.model.testing import random_batch, tiny_config, tiny_schema
 SCHEMA = tiny_schema()
 
 configs = st.builds(
-    lambda backend, bias, hg, hta: tiny_config(attention_backend=backend, relative_time_bias=bias,
-                                               num_heads=hg[0], num_kv_groups=hg[1]).with_hta(hta),
+    lambda backend, bias, hg, hta: tiny_config(attention_backend=backend, relative_time_bias=bias[0],
+                                               relative_position_bias=bias[1], num_heads=hg[0],
+                                               num_kv_groups=hg[1]).with_hta(hta),
     backend=st.sampled_from(["reference", "jagged"]),
-    bias=st.booleans(),
+    bias=st.sampled_from([(False, False), (True, False), (False, True), (True, True)]),
     hg=st.sampled_from([(2, 1), (2, 2), (4, 2)]),
     hta=st.sampled_from(["(1:1)x2", "(2:1)x1", "(0:2)x1", "(2:0)x1"]),
 )
@@ -32,7 +33,7 @@ def _model(config, seed: int) -> MTFM:
     model = MTFM(SCHEMA, config).eval()
     with torch.no_grad():  # non-trivial norms and time biases (their defaults are ones / zeros)
         for name, p in model.named_parameters():
-            if "gln" in name or "time_bias" in name or "final_norm" in name:
+            if "gln" in name or "_bias" in name or "final_norm" in name:
                 p.add_(0.3 * torch.randn_like(p))
     return model
 
@@ -175,7 +176,8 @@ def test_subgraph_holds_only_its_scenarios_modules_and_shares_weights():
 @pytest.mark.parametrize("backend", ["reference", "jagged"])
 @pytest.mark.parametrize("hta", ["(1:1)x2", "(2:0)x1", "(0:2)x1"])
 def test_every_parameter_the_forward_uses_receives_a_gradient(backend, hta):
-    config = tiny_config(attention_backend=backend, relative_time_bias=True, num_heads=4, num_kv_groups=2).with_hta(hta)
+    config = tiny_config(attention_backend=backend, relative_time_bias=True, relative_position_bias=True,
+                         num_heads=4, num_kv_groups=2).with_hta(hta)
     model = _model(config, 1).train()
     batch = random_batch(SCHEMA, 6, seed=2)
     for name, sc in batch.scenarios.items():
@@ -190,7 +192,8 @@ def test_every_parameter_the_forward_uses_receives_a_gradient(backend, hta):
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 10_000), bias=st.booleans(), hg=st.sampled_from([(2, 1), (4, 2)]))
 def test_reference_and_jagged_backends_agree_through_the_model_forward_and_backward(seed, bias, hg):
-    cfg = tiny_config(relative_time_bias=bias, num_heads=hg[0], num_kv_groups=hg[1], target_layers_per_block=2)
+    cfg = tiny_config(relative_time_bias=bias, relative_position_bias=bias, num_heads=hg[0], num_kv_groups=hg[1],
+                      target_layers_per_block=2)
     ref = _model(cfg.model_copy(update={"attention_backend": "reference"}), seed).double()
     jag = _model(cfg, seed).double()
     jag.load_state_dict(ref.state_dict())

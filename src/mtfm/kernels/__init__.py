@@ -13,7 +13,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from mtfm.kernels.common import AttentionLayout, AttentionParams, QuerySet, time_buckets
+from mtfm.kernels.common import AttentionLayout, AttentionParams, QuerySet, bias_index, log_buckets
 from mtfm.kernels.jagged import jagged_attention
 from mtfm.kernels.reference import reference_attention
 
@@ -53,9 +53,10 @@ __all__ = [
     "AttentionParams",
     "QuerySet",
     "backends",
+    "bias_index",
+    "log_buckets",
     "hstu_attention",
     "jagged_attention",
     "reference_attention",
     "register_backend",
-    "time_buckets",
 ]

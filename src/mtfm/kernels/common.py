@@ -2,12 +2,13 @@
 
 An attention call computes, for a set of query tokens, HSTU attention (paper eq. 8 / 15)
 
-    A[q, h] = sum_k  M[q, k] * SiLU(alpha * <Q[q, h], K[k, g(h)]> + bias_h(t_q - t_k)) / n * V[k, g(h)]
+    A[q, h] = sum_k  M[q, k] * SiLU(alpha * <Q[q, h], K[k, g(h)]> + bias_h(t_q - t_k, p_q - p_k)) / n * V[k, g(h)]
 
 with ``g(h) = h // (H / G)`` (grouped-query attention: ``H / G`` query heads share one key/value
 group), ``M`` the dynamic mask (:mod:`mtfm.model.mask`), ``alpha = 1 / sqrt(head_dim)`` and
 ``n`` a constant from the config (never the batch's longest sequence, so that a user's output
-does not depend on which users share the batch).
+does not depend on which users share the batch). The optional bias is learned per head over
+log2 buckets of the time gap and of the position gap (:func:`bias_index`).
 
 Keys and values are given for *all* N tokens of the batch (flat, in ``TokenLayout`` order);
 queries are a subset (:class:`QuerySet`): every token for a full-attention layer, the T-tokens
@@ -87,6 +88,25 @@ class AttentionLayout:
                 raise ValueError(f"unknown query kind {kind!r}; expected 'all' or 'target'")
         return self.cache[key]
 
+    def positions(self) -> Tensor:
+        """Sequence position of every token for the relative position bias, cached.
+
+        Context (H and R) tokens are numbered 0, 1, ... within their user in layout order;
+        every T-token gets the position just after its user's last context token, so all
+        T-tokens of a user are interchangeable (target permutation equivariance) and a T
+        query's position gap to a context key is how far back that key lies.
+        """
+        key = ("positions",)
+        if key not in self.cache:
+            is_ctx = (self.token_type != TOKEN_T).long()
+            inclusive = torch.cumsum(is_ctx, 0)
+            exclusive = torch.cat([inclusive.new_zeros(1), inclusive])  # [N + 1]: context tokens before each
+            base = exclusive[self.offsets]  # [B + 1]
+            rank = exclusive[:-1] - base[self.user]
+            count = (base[1:] - base[:-1])[self.user]
+            self.cache[key] = torch.where(is_ctx.bool(), rank, count)
+        return self.cache[key]
+
     def context(self) -> QuerySet:
         """The non-T tokens of every user: the only keys any token attends to besides itself."""
         key = ("context",)
@@ -97,23 +117,49 @@ class AttentionLayout:
 
 @dataclass(frozen=True)
 class AttentionParams:
-    """Constants and learned bias of one attention call.
+    """Constants and learned relative bias of one attention call.
 
-    ``time_bias``: ``[H, num_buckets]`` learned table (or None); ``norm``: ``1 / n``;
-    ``padding_slack``: how much padding the jagged backend may spend per bucket (others ignore it).
+    ``norm`` is ``1 / n``. The optional relative bias (HSTU-style) is one learned table
+    ``bias [H, max(time_buckets, 1) * max(position_buckets, 1)]`` indexed by
+    :func:`bias_index` (log2 buckets of the time gap and of the position gap, either may be off
+    with 0 buckets). ``padding_slack``: how much padding the jagged backend may spend per
+    bucket of users (other backends ignore it).
     """
 
     alpha: float
     norm: float
     num_kv_groups: int
-    time_bias: Tensor | None = None
+    bias: Tensor | None = None
+    time_buckets: int = 0
+    position_buckets: int = 0
     padding_slack: float = 0.25
 
+    def __post_init__(self) -> None:
+        if self.bias is not None:
+            width = max(self.time_buckets, 1) * max(self.position_buckets, 1)
+            if self.bias.dim() != 2 or self.bias.shape[1] != width or not (self.time_buckets or self.position_buckets):
+                raise ValueError(
+                    f"attention bias must be [H, {width}] for {self.time_buckets} time and "
+                    f"{self.position_buckets} position buckets (at least one > 0), got {tuple(self.bias.shape)}"
+                )
 
-def time_buckets(dt: Tensor, num_buckets: int) -> Tensor:
-    """Log2 time-gap bucket: ``min(floor(log2(1 + |dt|)), num_buckets - 1)`` (float64: exact for ms clocks)."""
-    gap = dt.abs().to(torch.float64)
-    return torch.floor(torch.log2(gap + 1.0)).long().clamp_(max=num_buckets - 1)
+
+def log_buckets(gap: Tensor, num_buckets: int) -> Tensor:
+    """``min(floor(log2(1 + |gap|)), num_buckets - 1)`` (float64: exact for millisecond clocks)."""
+    g = gap.abs().to(torch.float64)
+    return torch.floor(torch.log2(g + 1.0)).long().clamp_(max=num_buckets - 1)
+
+
+def bias_index(dt: Tensor, dpos: Tensor, params: AttentionParams) -> Tensor | None:
+    """Column of ``params.bias`` for query/key pairs with time gap ``dt`` and position gap ``dpos``."""
+    if params.bias is None:
+        return None
+    index = torch.zeros(torch.broadcast_shapes(dt.shape, dpos.shape), dtype=torch.long, device=dt.device)
+    if params.time_buckets:
+        index = index + log_buckets(dt, params.time_buckets) * max(params.position_buckets, 1)
+    if params.position_buckets:
+        index = index + log_buckets(dpos, params.position_buckets)
+    return index
 
 
 def check_shapes(q: Tensor, k: Tensor, v: Tensor, queries: QuerySet, layout: AttentionLayout, params: AttentionParams) -> None:
@@ -131,10 +177,11 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor, queries: QuerySet, layout: Att
         raise ValueError(f"attention: {heads} query heads and {groups} key/value groups (expected G = {params.num_kv_groups} dividing H)")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"attention: query width {q.shape[2]} != key width {k.shape[2]}")
-    if params.time_bias is not None and params.time_bias.shape[0] != heads:
-        raise ValueError(f"attention: time bias has {params.time_bias.shape[0]} heads, queries have {heads}")
+    if params.bias is not None and params.bias.shape[0] != heads:
+        raise ValueError(f"attention: the bias table has {params.bias.shape[0]} heads, queries have {heads}")
 
 
-def empty_output(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def empty_output(q: Tensor, k: Tensor, v: Tensor, params: AttentionParams) -> Tensor:
     """``[0, H, dv]`` result for zero queries, still connected to the inputs' graph."""
-    return q.new_zeros((0, q.shape[1], v.shape[2])) + 0 * (q.sum() + k.sum() + v.sum())
+    anchor = q.sum() + k.sum() + v.sum() + (params.bias.sum() if params.bias is not None else 0)
+    return q.new_zeros((0, q.shape[1], v.shape[2])) + 0 * anchor

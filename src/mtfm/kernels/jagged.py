@@ -1,6 +1,6 @@
 """CPU attention that pays neither for padding nor for the T-columns the mask always hides.
 
-Two facts make this cheaper than the reference:
+Three things make this cheaper than the reference:
 
 * keys: by the dynamic mask no token attends to *another* T-token. So each query attends to
   its user's context tokens (H and R) plus, for a T query, its own key. The context part is a
@@ -9,27 +9,33 @@ Two facts make this cheaper than the reference:
 * padding: users are sorted by context length and greedily grouped into buckets whose padded
   block size stays within ``1 + slack`` of the real work (``ModelConfig.jagged_padding_slack``),
   so one batched matmul per bucket replaces one per user, at a bounded padding cost.
+* memory: a bucket's ``[Lq, C]`` scores are never stored. :class:`_BlockAttention` computes
+  them in query chunks that fit in cache, keeps only Q, K, V for the backward pass and
+  recomputes each chunk's scores there (the CPU analogue of a flash-attention kernel), so
+  the memory of a layer grows with ``N``, not with ``N * C``.
 
 GQA is computed without repeating keys: queries are viewed as ``[G, H / G]`` so each key/value
-group is read once. The per-batch plan (buckets, masks, time buckets) is built once and cached
+group is read once. The per-batch plan (buckets, masks, bias indices) is built once and cached
 in the :class:`AttentionLayout`, then reused by every layer of the forward pass.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mtfm.data.batch import TOKEN_T
-from mtfm.kernels.common import AttentionLayout, AttentionParams, QuerySet, check_shapes, empty_output, time_buckets
+from mtfm.kernels.common import AttentionLayout, AttentionParams, QuerySet, bias_index, check_shapes, empty_output
 from mtfm.model.mask import visible
 
 # A bucket may also waste up to this many score cells regardless of the slack, so a tail of
 # tiny users does not become one bucket each.
 _MIN_WASTE = 4096
+# Score cells (batch x heads x query rows x keys) per chunk: 256K floats = 1 MiB, cache-sized.
+_CHUNK_CELLS = 1 << 18
 
 
 @dataclass
@@ -38,7 +44,15 @@ class _Bucket:
     k_pos: Tensor  # long [nb, C]: flat token positions of the context keys (clamped where invalid)
     mask: Tensor  # bool [nb, Lq, C]: visible and valid
     valid_flat: Tensor  # long [n_valid]: positions in the flattened [nb * Lq] block holding a real query
-    time_bucket: Tensor | None  # long [nb, Lq, C]
+    bias_index: Tensor | None  # long [nb, Lq, C]: column of the bias table
+    scaled: dict = field(default_factory=dict)  # (dtype, norm) -> mask * norm
+
+    def scaled_mask(self, dtype: torch.dtype, norm: float) -> Tensor:
+        """``mask / n`` in the compute dtype, built once per forward: one multiply applies both."""
+        key = (dtype, norm)
+        if key not in self.scaled:
+            self.scaled[key] = self.mask.to(dtype) * norm
+        return self.scaled[key]
 
 
 @dataclass
@@ -83,15 +97,16 @@ def _block_index(starts: Tensor, lengths: Tensor, width: int) -> tuple[Tensor, T
     return index, valid
 
 
-def _build_plan(queries: QuerySet, layout: AttentionLayout, num_time_buckets: int | None, slack: float) -> _Plan:
+def _build_plan(queries: QuerySet, layout: AttentionLayout, params: AttentionParams) -> _Plan:
     context = layout.context()
     q_len_t = queries.offsets[1:] - queries.offsets[:-1]
     c_len_t = context.offsets[1:] - context.offsets[:-1]
     q_len, c_len = q_len_t.tolist(), c_len_t.tolist()
+    seq = layout.positions()
     buckets: list[_Bucket] = []
     out_rows: list[Tensor] = []
     padded_cells = real_cells = 0
-    for members in group_users(q_len, c_len, slack):
+    for members in group_users(q_len, c_len, params.padding_slack):
         users = torch.tensor(members, dtype=torch.long, device=queries.index.device)
         lq, c = max(q_len[u] for u in members), max(c_len[u] for u in members)
         q_rows, q_valid = _block_index(queries.offsets[users], q_len_t[users], lq)
@@ -101,9 +116,9 @@ def _build_plan(queries: QuerySet, layout: AttentionLayout, num_time_buckets: in
         q_time, k_time = layout.timestamps[q_pos], layout.timestamps[k_pos]
         mask = visible(q_time[:, :, None], q_pos[:, :, None], layout.token_type[k_pos][:, None, :], k_time[:, None, :], k_pos[:, None, :])
         mask = mask & q_valid[:, :, None] & c_valid[:, None, :]
-        tb = time_buckets(q_time[:, :, None] - k_time[:, None, :], num_time_buckets) if num_time_buckets else None
+        index = bias_index(q_time[:, :, None] - k_time[:, None, :], seq[q_pos][:, :, None] - seq[k_pos][:, None, :], params)
         valid_flat = torch.nonzero(q_valid.flatten()).flatten()
-        buckets.append(_Bucket(q_rows, k_pos, mask, valid_flat, tb))
+        buckets.append(_Bucket(q_rows, k_pos, mask, valid_flat, index))
         out_rows.append(q_rows.flatten()[valid_flat])
         padded_cells += len(members) * lq * c
         real_cells += sum(q_len[u] * c_len[u] for u in members)
@@ -112,13 +127,72 @@ def _build_plan(queries: QuerySet, layout: AttentionLayout, num_time_buckets: in
     return _Plan(buckets, torch.cat(out_rows) if out_rows else empty, self_rows, padded_cells, real_cells)
 
 
-def plan_for(queries: QuerySet, layout: AttentionLayout, num_time_buckets: int | None, slack: float) -> _Plan:
+def plan_for(queries: QuerySet, layout: AttentionLayout, params: AttentionParams) -> _Plan:
     """The cached plan of this query set (built on first use in a forward pass)."""
-    key = ("jagged_plan", id(queries), num_time_buckets, slack)
+    with_bias = params.bias is not None
+    key = ("jagged_plan", id(queries), with_bias, params.time_buckets, params.position_buckets, params.padding_slack)
     if key not in layout.cache:
         # The query set is stored with its plan so its id cannot be reused while cached.
-        layout.cache[key] = (queries, _build_plan(queries, layout, num_time_buckets, slack))
+        layout.cache[key] = (queries, _build_plan(queries, layout, params))
     return layout.cache[key][1]
+
+
+def _chunk_scores(q: Tensor, k: Tensor, bias: Tensor | None, index: Tensor | None) -> Tensor:
+    """``[nb, G, r, q, C]`` pre-activation scores of a chunk (q already scaled by alpha)."""
+    scores = torch.einsum("bqgrd,bcgd->bgrqc", q, k)
+    if bias is not None and index is not None:
+        nb, lq, groups, r, _ = q.shape
+        scores = scores + bias[:, index].view(groups, r, nb, lq, -1).permute(2, 0, 1, 3, 4)
+    return scores
+
+
+class _BlockAttention(torch.autograd.Function):
+    """``SiLU(QK^T + bias) * mask @ V`` over one bucket, chunked over queries, scores recomputed in backward.
+
+    Shapes: q ``[nb, Lq, G, r, d]`` (scaled by alpha), k ``[nb, C, G, d]``, v ``[nb, C, G, dv]``,
+    mask ``[nb, Lq, C]`` (already multiplied by ``1 / n``), bias ``[H, M]`` or None with
+    index ``[nb, Lq, C]``. Returns ``[nb, Lq, G, r, dv]``.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None, index: Tensor | None) -> Tensor:
+        nb, lq, groups, r, _ = q.shape
+        step = max(1, _CHUNK_CELLS // max(1, nb * groups * r * k.shape[1]))
+        out = q.new_empty((nb, lq, groups, r, v.shape[-1]))
+        for s in range(0, lq, step):
+            e = min(lq, s + step)
+            idx = index[:, s:e] if index is not None else None
+            scores = _chunk_scores(q[:, s:e], k, bias, idx)
+            weights = F.silu(scores) * mask[:, None, None, s:e].to(scores.dtype)
+            out[:, s:e] = torch.einsum("bgrqc,bcgd->bqgrd", weights, v)
+        ctx.save_for_backward(q, k, v, mask, bias, index)
+        ctx.step = step
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, mask, bias, index = ctx.saved_tensors
+        lq = q.shape[1]
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dbias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[4] else None
+        for s in range(0, lq, ctx.step):
+            e = min(lq, s + ctx.step)
+            q_c, g_c = q[:, s:e], grad_out[:, s:e].to(q.dtype)
+            idx = index[:, s:e] if index is not None else None
+            scores = _chunk_scores(q_c, k, bias, idx)
+            m = mask[:, None, None, s:e].to(scores.dtype)
+            sig = torch.sigmoid(scores)
+            weights = scores * sig * m
+            dv += torch.einsum("bgrqc,bqgrd->bcgd", weights, g_c)
+            dweights = torch.einsum("bqgrd,bcgd->bgrqc", g_c, v)
+            dscores = dweights * m * sig * (1 + scores * (1 - sig))  # d SiLU(s) / ds = sig (1 + s (1 - sig))
+            dq[:, s:e] = torch.einsum("bgrqc,bcgd->bqgrd", dscores, k)
+            dk += torch.einsum("bgrqc,bqgrd->bcgd", dscores, q_c)
+            if dbias is not None:
+                heads = dbias.shape[0]
+                flat = dscores.permute(1, 2, 0, 3, 4).reshape(heads, -1)  # [H, nb * q * C], head = g * r + j
+                dbias.index_add_(1, idx.reshape(-1), flat)
+        return dq, dk, dv, None, dbias, None
 
 
 def _bucket_attention(q: Tensor, k: Tensor, v: Tensor, b: _Bucket, params: AttentionParams) -> Tensor:
@@ -126,25 +200,21 @@ def _bucket_attention(q: Tensor, k: Tensor, v: Tensor, b: _Bucket, params: Atten
     groups = k.shape[1]
     nb, lq = b.q_rows.shape
     heads, r = q.shape[1], q.shape[1] // groups
-    qb = q[b.q_rows].view(nb, lq, groups, r, q.shape[2])
+    qb = q[b.q_rows].view(nb, lq, groups, r, q.shape[2])  # q already carries alpha
     kb, vb = k[b.k_pos], v[b.k_pos]  # [nb, C, G, d]
-    scores = torch.einsum("bqgrd,bcgd->bgrqc", qb, kb) * params.alpha
-    if b.time_bucket is not None and params.time_bias is not None:
-        bias = params.time_bias[:, b.time_bucket]  # [H, nb, Lq, C]
-        scores = scores + bias.view(groups, r, nb, lq, -1).permute(2, 0, 1, 3, 4)
-    weights = torch.where(b.mask[:, None, None], F.silu(scores), torch.zeros_like(scores)) * params.norm
-    out = torch.einsum("bgrqc,bcgd->bqgrd", weights, vb).reshape(nb * lq, heads, v.shape[2])
-    return out[b.valid_flat]
+    bias = params.bias.to(qb.dtype) if params.bias is not None else None
+    out = _BlockAttention.apply(qb, kb, vb, b.scaled_mask(qb.dtype, params.norm), bias, b.bias_index)
+    return out.reshape(nb * lq, heads, v.shape[2])[b.valid_flat]
 
 
 def _self_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, pos: Tensor, params: AttentionParams) -> Tensor:
     """Each T query's attention to its own key (the one T column the mask leaves open)."""
     groups = k.shape[1]
     heads, r = q.shape[1], q.shape[1] // groups
-    qs = q[rows].view(-1, groups, r, q.shape[2])
-    score = torch.einsum("ngrd,ngd->ngr", qs, k[pos]) * params.alpha
-    if params.time_bias is not None:
-        score = score + params.time_bias[:, 0].view(groups, r)  # time gap 0 -> bucket 0
+    qs = q[rows].view(-1, groups, r, q.shape[2])  # q already carries alpha
+    score = torch.einsum("ngrd,ngd->ngr", qs, k[pos])
+    if params.bias is not None:
+        score = score + params.bias[:, 0].view(groups, r)  # time and position gap 0 -> column 0
     weight = F.silu(score) * params.norm
     # An outer product written as a matmul with inner size 1, so FLOP counters see it too.
     return torch.matmul(weight[..., None], v[pos][:, :, None, :]).reshape(-1, heads, v.shape[2])
@@ -161,11 +231,11 @@ def jagged_attention(
     """Same contract and result as :func:`mtfm.kernels.reference.reference_attention`."""
     check_shapes(q, k, v, queries, layout, params)
     if queries.num_queries == 0:
-        return empty_output(q, k, v)
-    num_tb = params.time_bias.shape[1] if params.time_bias is not None else None
-    plan = plan_for(queries, layout, num_tb, params.padding_slack)
+        return empty_output(q, k, v, params)
+    plan = plan_for(queries, layout, params)
     heads, dv = q.shape[1], v.shape[2]
     out = q.new_zeros((queries.num_queries, heads, dv))
+    q = q * params.alpha  # scale the small query tensor, not the [Lq, C] scores
     if plan.buckets:
         parts = torch.cat([_bucket_attention(q, k, v, b, params) for b in plan.buckets])
         out = out.index_put((plan.out_rows,), parts.to(out.dtype))

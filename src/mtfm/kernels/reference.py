@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtfm.kernels.common import AttentionLayout, AttentionParams, QuerySet, check_shapes, empty_output, time_buckets
+from mtfm.kernels.common import AttentionLayout, AttentionParams, QuerySet, bias_index, check_shapes, empty_output
 from mtfm.model.mask import visible
 
 
@@ -30,27 +30,29 @@ def reference_attention(
     check_shapes(q, k, v, queries, layout, params)
     batch, heads, groups = layout.batch_size, q.shape[1], k.shape[1]
     if queries.num_queries == 0:
-        return empty_output(q, k, v)
+        return empty_output(q, k, v, params)
 
-    # Keys: every token of the user, padded.
+    # Keys: every token of the user, padded (``*_slot``: column in the padded block; ``*_seq``: position for the bias).
     k_user = layout.user
-    k_pos = torch.arange(layout.num_tokens, device=k.device) - layout.offsets[k_user]
+    k_slot = torch.arange(layout.num_tokens, device=k.device) - layout.offsets[k_user]
     k_len = int((layout.offsets[1:] - layout.offsets[:-1]).max())
     flat = torch.arange(layout.num_tokens, device=k.device)
-    kp, vp = _pad(k, k_user, k_pos, batch, k_len), _pad(v, k_user, k_pos, batch, k_len)
-    k_valid = _pad(torch.ones_like(flat, dtype=torch.bool), k_user, k_pos, batch, k_len)
-    k_type = _pad(layout.token_type, k_user, k_pos, batch, k_len)
-    k_time = _pad(layout.timestamps, k_user, k_pos, batch, k_len)
-    k_flat = _pad(flat, k_user, k_pos, batch, k_len)
+    kp, vp = _pad(k, k_user, k_slot, batch, k_len), _pad(v, k_user, k_slot, batch, k_len)
+    k_valid = _pad(torch.ones_like(flat, dtype=torch.bool), k_user, k_slot, batch, k_len)
+    k_type = _pad(layout.token_type, k_user, k_slot, batch, k_len)
+    k_time = _pad(layout.timestamps, k_user, k_slot, batch, k_len)
+    k_flat = _pad(flat, k_user, k_slot, batch, k_len)
+    k_seq = _pad(layout.positions(), k_user, k_slot, batch, k_len)
 
     # Queries, padded the same way.
     q_user = layout.user[queries.index]
-    q_pos = torch.arange(queries.num_queries, device=q.device) - queries.offsets[q_user]
+    q_slot = torch.arange(queries.num_queries, device=q.device) - queries.offsets[q_user]
     q_len = int((queries.offsets[1:] - queries.offsets[:-1]).max())
-    qp = _pad(q, q_user, q_pos, batch, q_len)
-    q_valid = _pad(torch.ones_like(queries.index, dtype=torch.bool), q_user, q_pos, batch, q_len)
-    q_time = _pad(layout.timestamps[queries.index], q_user, q_pos, batch, q_len)
-    q_flat = _pad(queries.index, q_user, q_pos, batch, q_len)
+    qp = _pad(q, q_user, q_slot, batch, q_len)
+    q_valid = _pad(torch.ones_like(queries.index, dtype=torch.bool), q_user, q_slot, batch, q_len)
+    q_time = _pad(layout.timestamps[queries.index], q_user, q_slot, batch, q_len)
+    q_flat = _pad(queries.index, q_user, q_slot, batch, q_len)
+    q_seq = _pad(layout.positions()[queries.index], q_user, q_slot, batch, q_len)
 
     mask = visible(q_time[:, :, None], q_flat[:, :, None], k_type[:, None, :], k_time[:, None, :], k_flat[:, None, :])
     mask = mask & q_valid[:, :, None] & k_valid[:, None, :]  # [B, Lq, Lk]
@@ -59,9 +61,9 @@ def reference_attention(
     r = heads // groups
     kh, vh = kp.repeat_interleave(r, dim=2), vp.repeat_interleave(r, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", qp, kh) * params.alpha
-    if params.time_bias is not None:
-        bucket = time_buckets(q_time[:, :, None] - k_time[:, None, :], params.time_bias.shape[1])
-        scores = scores + params.time_bias[:, bucket].permute(1, 0, 2, 3)
+    index = bias_index(q_time[:, :, None] - k_time[:, None, :], q_seq[:, :, None] - k_seq[:, None, :], params)
+    if index is not None:
+        scores = scores + params.bias[:, index].permute(1, 0, 2, 3)
     weights = torch.where(mask[:, None], F.silu(scores), torch.zeros_like(scores)) * params.norm
     out = torch.einsum("bhqk,bkhd->bqhd", weights, vh)
-    return out[q_user, q_pos]
+    return out[q_user, q_slot]

@@ -73,6 +73,12 @@ class ModelConfig(BaseModel):
     )
     relative_time_bias: bool = Field(default=False, description="learned bias per head and log2 time-gap bucket")
     time_bias_buckets: int = Field(default=32, gt=1, description="bucket = min(floor(log2(1 + |dt|)), buckets - 1)")
+    relative_position_bias: bool = Field(
+        default=False,
+        description="learned bias per head and log2 position-gap bucket (context tokens numbered in order; "
+        "every T-token sits just after its user's context, so T order never matters)",
+    )
+    position_bias_buckets: int = Field(default=16, gt=1)
     jagged_padding_slack: float = Field(
         default=0.25, ge=0.0, description="jagged backend: a bucket of users may waste at most this share on padding"
     )

@@ -100,12 +100,19 @@ class GroupLayerNorm(nn.Module):
         return new
 
 
-def _attention_params(config: ModelConfig, time_bias: Tensor | None) -> AttentionParams:
+def _attention_params(config: ModelConfig, time_bias: Tensor | None, position_bias: Tensor | None) -> AttentionParams:
+    """The attention constants; time and position biases become one ``[H, T * P]`` table (their outer sum)."""
+    if time_bias is not None and position_bias is not None:
+        table = (time_bias[:, :, None] + position_bias[:, None, :]).flatten(1)
+    else:
+        table = time_bias if time_bias is not None else position_bias
     return AttentionParams(
         alpha=1.0 / math.sqrt(config.dim_per_head),
         norm=1.0 / config.attention_norm_len,
         num_kv_groups=config.num_kv_groups,
-        time_bias=time_bias,
+        bias=table,
+        time_buckets=config.time_bias_buckets if time_bias is not None else 0,
+        position_buckets=config.position_bias_buckets if position_bias is not None else 0,
         padding_slack=config.jagged_padding_slack,
     )
 
@@ -123,13 +130,16 @@ class _HSTULayer(nn.Module):
         self.f2 = nn.Linear(heads * dh, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.time_bias = nn.Parameter(torch.zeros(heads, config.time_bias_buckets)) if config.relative_time_bias else None
+        self.position_bias = (
+            nn.Parameter(torch.zeros(heads, config.position_bias_buckets)) if config.relative_position_bias else None
+        )
 
     def _split_kv(self, kv: Tensor) -> tuple[Tensor, Tensor]:
         k, v = kv.split(self.kv_groups * self.dh, dim=-1)
         return k.reshape(-1, self.kv_groups, self.dh), v.reshape(-1, self.kv_groups, self.dh)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, queries, layout: AttentionLayout) -> Tensor:
-        params = _attention_params(self.config, self.time_bias)
+        params = _attention_params(self.config, self.time_bias, self.position_bias)
         a = hstu_attention(q.reshape(-1, self.heads, self.dh), k, v, queries, layout, params, self.config.attention_backend)
         return a.reshape(-1, self.heads * self.dh)
 
