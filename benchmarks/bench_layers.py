@@ -73,7 +73,7 @@ def worker(kind: str, n: int, users: int, backend: str, d_model: int, heads: int
     from mtfm.kernels.jagged import plan_for
     from mtfm.model.config import ModelConfig
     from mtfm.model.hta import TokenGroups
-    from mtfm.model.layers import FullAttentionLayer, TargetAttentionLayer, _attention_params
+    from mtfm.model.layers import FullAttentionLayer, TargetAttentionLayer
 
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=d_model, num_heads=heads, num_kv_groups=groups, attention_backend=backend,
@@ -85,7 +85,7 @@ def worker(kind: str, n: int, users: int, backend: str, d_model: int, heads: int
     x = torch.randn(layout.num_tokens, d_model, requires_grad=True)
     t0 = time.perf_counter()
     if backend == "jagged":
-        plan_for(layout.queries("all" if kind == "full" else "target"), layout, _attention_params(cfg, None, None))
+        plan_for(layout.queries("all" if kind == "full" else "target"), layout, cfg.jagged_padding_slack)
     plan_ms = (time.perf_counter() - t0) * 1e3
 
     if kind == "full":

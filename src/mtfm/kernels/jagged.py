@@ -9,19 +9,19 @@ Three things make this cheaper than the reference:
 * padding: users are sorted by context length and greedily grouped into buckets whose padded
   block size stays within ``1 + slack`` of the real work (``ModelConfig.jagged_padding_slack``),
   so one batched matmul per bucket replaces one per user, at a bounded padding cost.
-* memory: a bucket's ``[Lq, C]`` scores are never stored. :class:`_BlockAttention` computes
-  them in query chunks that fit in cache, keeps only Q, K, V for the backward pass and
-  recomputes each chunk's scores there (the CPU analogue of a flash-attention kernel), so
-  the memory of a layer grows with ``N``, not with ``N * C``.
+* memory: a bucket's ``[Lq, C]`` scores and mask are never stored. :class:`_BlockAttention`
+  computes them in query chunks that fit in cache (the mask from each token's type, timestamp
+  and id), keeps only Q, K, V for the backward pass and recomputes each chunk there (the CPU
+  analogue of a flash-attention kernel), so a layer's memory grows with ``N``, not ``N * C``.
 
 GQA is computed without repeating keys: queries are viewed as ``[G, H / G]`` so each key/value
-group is read once. The per-batch plan (buckets, masks, bias indices) is built once and cached
-in the :class:`AttentionLayout`, then reused by every layer of the forward pass.
+group is read once. The per-batch plan (buckets and their gather indices and token metadata)
+is built once and cached in the :class:`AttentionLayout`, then reused by every layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,19 +40,33 @@ _CHUNK_CELLS = 1 << 18
 
 @dataclass
 class _Bucket:
-    q_rows: Tensor  # long [nb, Lq]: rows of the query array (clamped where invalid)
-    k_pos: Tensor  # long [nb, C]: flat token positions of the context keys (clamped where invalid)
-    mask: Tensor  # bool [nb, Lq, C]: visible and valid
-    valid_flat: Tensor  # long [n_valid]: positions in the flattened [nb * Lq] block holding a real query
-    bias_index: Tensor | None  # long [nb, Lq, C]: column of the bias table
-    scaled: dict = field(default_factory=dict)  # (dtype, norm) -> mask * norm
+    """One bucket's gather indices and the token metadata its masks and biases are computed from.
 
-    def scaled_mask(self, dtype: torch.dtype, norm: float) -> Tensor:
-        """``mask / n`` in the compute dtype, built once per forward: one multiply applies both."""
-        key = (dtype, norm)
-        if key not in self.scaled:
-            self.scaled[key] = self.mask.to(dtype) * norm
-        return self.scaled[key]
+    Masks are never stored: each chunk rebuilds its ``[nb, q, C]`` mask from these ``[nb, Lq]``
+    and ``[nb, C]`` vectors (padding slots get ids that no rule makes visible: query -2, key -1
+    with the T type).
+    """
+
+    q_rows: Tensor  # long [nb, Lq]: rows of the query array (clamped to 0 where padding)
+    k_pos: Tensor  # long [nb, C]: flat token positions of the context keys (clamped to 0 where padding)
+    valid_flat: Tensor  # long [n_valid]: positions in the flattened [nb * Lq] block holding a real query
+    q_id: Tensor  # long [nb, Lq]: flat token position, -2 for padding
+    q_time: Tensor  # long [nb, Lq]
+    q_seq: Tensor  # long [nb, Lq]: position for the relative position bias
+    k_id: Tensor  # long [nb, C]: flat token position, -1 for padding
+    k_type: Tensor  # long [nb, C]: TOKEN_T for padding (visible to no other token)
+    k_time: Tensor  # long [nb, C]
+    k_seq: Tensor  # long [nb, C]
+
+    def mask(self, s: int, e: int) -> Tensor:
+        """``[nb, e - s, C]`` visibility of query rows ``s:e`` (padding never visible)."""
+        return visible(self.q_time[:, s:e, None], self.q_id[:, s:e, None], self.k_type[:, None, :],
+                       self.k_time[:, None, :], self.k_id[:, None, :])
+
+    def bias_index(self, s: int, e: int, params: AttentionParams) -> Tensor | None:
+        """``[nb, e - s, C]`` bias-table columns of query rows ``s:e``."""
+        return bias_index(self.q_time[:, s:e, None] - self.k_time[:, None, :],
+                          self.q_seq[:, s:e, None] - self.k_seq[:, None, :], params)
 
 
 @dataclass
@@ -97,7 +111,7 @@ def _block_index(starts: Tensor, lengths: Tensor, width: int) -> tuple[Tensor, T
     return index, valid
 
 
-def _build_plan(queries: QuerySet, layout: AttentionLayout, params: AttentionParams) -> _Plan:
+def _build_plan(queries: QuerySet, layout: AttentionLayout, slack: float) -> _Plan:
     context = layout.context()
     q_len_t = queries.offsets[1:] - queries.offsets[:-1]
     c_len_t = context.offsets[1:] - context.offsets[:-1]
@@ -106,19 +120,25 @@ def _build_plan(queries: QuerySet, layout: AttentionLayout, params: AttentionPar
     buckets: list[_Bucket] = []
     out_rows: list[Tensor] = []
     padded_cells = real_cells = 0
-    for members in group_users(q_len, c_len, params.padding_slack):
+    for members in group_users(q_len, c_len, slack):
         users = torch.tensor(members, dtype=torch.long, device=queries.index.device)
         lq, c = max(q_len[u] for u in members), max(c_len[u] for u in members)
         q_rows, q_valid = _block_index(queries.offsets[users], q_len_t[users], lq)
         c_rows, c_valid = _block_index(context.offsets[users], c_len_t[users], c)
-        k_pos = context.index[c_rows]
-        q_pos = queries.index[q_rows]
-        q_time, k_time = layout.timestamps[q_pos], layout.timestamps[k_pos]
-        mask = visible(q_time[:, :, None], q_pos[:, :, None], layout.token_type[k_pos][:, None, :], k_time[:, None, :], k_pos[:, None, :])
-        mask = mask & q_valid[:, :, None] & c_valid[:, None, :]
-        index = bias_index(q_time[:, :, None] - k_time[:, None, :], seq[q_pos][:, :, None] - seq[k_pos][:, None, :], params)
+        k_pos, q_pos = context.index[c_rows], queries.index[q_rows]
         valid_flat = torch.nonzero(q_valid.flatten()).flatten()
-        buckets.append(_Bucket(q_rows, k_pos, mask, valid_flat, index))
+        buckets.append(_Bucket(
+            q_rows=q_rows,
+            k_pos=k_pos,
+            valid_flat=valid_flat,
+            q_id=torch.where(q_valid, q_pos, torch.full_like(q_pos, -2)),
+            q_time=layout.timestamps[q_pos],
+            q_seq=seq[q_pos],
+            k_id=torch.where(c_valid, k_pos, torch.full_like(k_pos, -1)),
+            k_type=torch.where(c_valid, layout.token_type[k_pos], torch.full_like(k_pos, TOKEN_T)),
+            k_time=layout.timestamps[k_pos],
+            k_seq=seq[k_pos],
+        ))
         out_rows.append(q_rows.flatten()[valid_flat])
         padded_cells += len(members) * lq * c
         real_cells += sum(q_len[u] * c_len[u] for u in members)
@@ -127,72 +147,70 @@ def _build_plan(queries: QuerySet, layout: AttentionLayout, params: AttentionPar
     return _Plan(buckets, torch.cat(out_rows) if out_rows else empty, self_rows, padded_cells, real_cells)
 
 
-def plan_for(queries: QuerySet, layout: AttentionLayout, params: AttentionParams) -> _Plan:
+def plan_for(queries: QuerySet, layout: AttentionLayout, slack: float) -> _Plan:
     """The cached plan of this query set (built on first use in a forward pass)."""
-    with_bias = params.bias is not None
-    key = ("jagged_plan", id(queries), with_bias, params.time_buckets, params.position_buckets, params.padding_slack)
+    key = ("jagged_plan", id(queries), slack)
     if key not in layout.cache:
         # The query set is stored with its plan so its id cannot be reused while cached.
-        layout.cache[key] = (queries, _build_plan(queries, layout, params))
+        layout.cache[key] = (queries, _build_plan(queries, layout, slack))
     return layout.cache[key][1]
 
 
-def _chunk_scores(q: Tensor, k: Tensor, bias: Tensor | None, index: Tensor | None) -> Tensor:
-    """``[nb, G, r, q, C]`` pre-activation scores of a chunk (q already scaled by alpha)."""
-    scores = torch.einsum("bqgrd,bcgd->bgrqc", q, k)
-    if bias is not None and index is not None:
-        nb, lq, groups, r, _ = q.shape
-        scores = scores + bias[:, index].view(groups, r, nb, lq, -1).permute(2, 0, 1, 3, 4)
-    return scores
+def _chunk_weights(q: Tensor, k: Tensor, bucket: _Bucket, s: int, e: int, params: AttentionParams, bias: Tensor | None):
+    """Scores, SiLU gate and mask of query rows ``s:e``: ``(scores, sigmoid(scores), mask)``, ``[nb, G, r, q, C]``."""
+    scores = torch.einsum("bqgrd,bcgd->bgrqc", q[:, s:e], k)
+    if bias is not None:
+        nb, _, groups, r, _ = q.shape
+        index = bucket.bias_index(s, e, params)
+        scores = scores + bias[:, index].view(groups, r, nb, e - s, -1).permute(2, 0, 1, 3, 4)
+    return scores, torch.sigmoid(scores), bucket.mask(s, e)[:, None, None]
 
 
 class _BlockAttention(torch.autograd.Function):
-    """``SiLU(QK^T + bias) * mask @ V`` over one bucket, chunked over queries, scores recomputed in backward.
+    """``SiLU(QK^T + bias) * M / n @ V`` over one bucket, chunked over queries, recomputed in backward.
 
     Shapes: q ``[nb, Lq, G, r, d]`` (scaled by alpha), k ``[nb, C, G, d]``, v ``[nb, C, G, dv]``,
-    mask ``[nb, Lq, C]`` (already multiplied by ``1 / n``), bias ``[H, M]`` or None with
-    index ``[nb, Lq, C]``. Returns ``[nb, Lq, G, r, dv]``.
+    bias ``[H, M]`` or None. Returns ``[nb, Lq, G, r, dv]``. Only q, k, v (and the bias table)
+    are kept for the backward pass; masks and scores are rebuilt chunk by chunk.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None, index: Tensor | None) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, bucket: _Bucket, params: AttentionParams) -> Tensor:
         nb, lq, groups, r, _ = q.shape
         step = max(1, _CHUNK_CELLS // max(1, nb * groups * r * k.shape[1]))
         out = q.new_empty((nb, lq, groups, r, v.shape[-1]))
         for s in range(0, lq, step):
             e = min(lq, s + step)
-            idx = index[:, s:e] if index is not None else None
-            scores = _chunk_scores(q[:, s:e], k, bias, idx)
-            weights = F.silu(scores) * mask[:, None, None, s:e].to(scores.dtype)
+            scores, sig, mask = _chunk_weights(q, k, bucket, s, e, params, bias)
+            # Masked entries become exactly 0, as in the reference's torch.where.
+            weights = (scores * sig * params.norm).masked_fill_(~mask, 0)
             out[:, s:e] = torch.einsum("bgrqc,bcgd->bqgrd", weights, v)
-        ctx.save_for_backward(q, k, v, mask, bias, index)
-        ctx.step = step
+        ctx.save_for_backward(q, k, v, bias)
+        ctx.bucket, ctx.params, ctx.step = bucket, params, step
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, k, v, mask, bias, index = ctx.saved_tensors
-        lq = q.shape[1]
+        q, k, v, bias = ctx.saved_tensors
+        bucket, params, lq = ctx.bucket, ctx.params, q.shape[1]
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        dbias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[4] else None
+        dbias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[3] else None
         for s in range(0, lq, ctx.step):
             e = min(lq, s + ctx.step)
-            q_c, g_c = q[:, s:e], grad_out[:, s:e].to(q.dtype)
-            idx = index[:, s:e] if index is not None else None
-            scores = _chunk_scores(q_c, k, bias, idx)
-            m = mask[:, None, None, s:e].to(scores.dtype)
-            sig = torch.sigmoid(scores)
-            weights = scores * sig * m
+            g_c = grad_out[:, s:e].to(q.dtype)
+            scores, sig, mask = _chunk_weights(q, k, bucket, s, e, params, bias)
+            weights = (scores * sig * params.norm).masked_fill_(~mask, 0)
             dv += torch.einsum("bgrqc,bqgrd->bcgd", weights, g_c)
             dweights = torch.einsum("bqgrd,bcgd->bgrqc", g_c, v)
-            dscores = dweights * m * sig * (1 + scores * (1 - sig))  # d SiLU(s) / ds = sig (1 + s (1 - sig))
+            # d SiLU(s) / ds = sig (1 + s (1 - sig))
+            dscores = (dweights * (sig * (1 + scores * (1 - sig))) * params.norm).masked_fill_(~mask, 0)
             dq[:, s:e] = torch.einsum("bgrqc,bcgd->bqgrd", dscores, k)
-            dk += torch.einsum("bgrqc,bqgrd->bcgd", dscores, q_c)
+            dk += torch.einsum("bgrqc,bqgrd->bcgd", dscores, q[:, s:e])
             if dbias is not None:
-                heads = dbias.shape[0]
-                flat = dscores.permute(1, 2, 0, 3, 4).reshape(heads, -1)  # [H, nb * q * C], head = g * r + j
-                dbias.index_add_(1, idx.reshape(-1), flat)
-        return dq, dk, dv, None, dbias, None
+                index = bucket.bias_index(s, e, params)
+                flat = dscores.permute(1, 2, 0, 3, 4).reshape(dbias.shape[0], -1)  # [H, nb * q * C], head = g * r + j
+                dbias.index_add_(1, index.reshape(-1), flat)
+        return dq, dk, dv, dbias, None, None
 
 
 def _bucket_attention(q: Tensor, k: Tensor, v: Tensor, b: _Bucket, params: AttentionParams) -> Tensor:
@@ -203,7 +221,7 @@ def _bucket_attention(q: Tensor, k: Tensor, v: Tensor, b: _Bucket, params: Atten
     qb = q[b.q_rows].view(nb, lq, groups, r, q.shape[2])  # q already carries alpha
     kb, vb = k[b.k_pos], v[b.k_pos]  # [nb, C, G, d]
     bias = params.bias.to(qb.dtype) if params.bias is not None else None
-    out = _BlockAttention.apply(qb, kb, vb, b.scaled_mask(qb.dtype, params.norm), bias, b.bias_index)
+    out = _BlockAttention.apply(qb, kb, vb, bias, b, params)
     return out.reshape(nb * lq, heads, v.shape[2])[b.valid_flat]
 
 
@@ -232,7 +250,7 @@ def jagged_attention(
     check_shapes(q, k, v, queries, layout, params)
     if queries.num_queries == 0:
         return empty_output(q, k, v, params)
-    plan = plan_for(queries, layout, params)
+    plan = plan_for(queries, layout, params.padding_slack)
     heads, dv = q.shape[1], v.shape[2]
     out = q.new_zeros((queries.num_queries, heads, dv))
     q = q * params.alpha  # scale the small query tensor, not the [Lq, C] scores
