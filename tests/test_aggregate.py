@@ -9,11 +9,11 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from data_world import WINDOW, WorldSize, reference_samples, tiny_world
-from mtfm.data.aggregate import aggregate, build_request, prepare, shard_bounds, split_boundaries
+from mtfm.data.aggregate import _duplicate_mask, aggregate, build_request, prepare, shard_bounds, split_boundaries
 from mtfm.data.encode import HASH_SEEDS
 from mtfm.data.raw import RawTables
 from mtfm.data.store import read_manifest
@@ -50,7 +50,7 @@ def _reference_rows(raw: RawTables) -> dict[tuple[int, int], dict]:
 def _aggregate_all(raw: RawTables) -> pa.Table:
     validate_raw(raw)
     agg = aggregate(raw.tables, raw.origins, raw.schema)
-    return agg.table(0, agg.num_samples)
+    return agg.table(np.arange(agg.num_samples))
 
 
 @settings(max_examples=15, deadline=None)
@@ -126,8 +126,8 @@ def test_vocabulary_oov_and_truncated_lists_are_counted(tmp_path) -> None:
     m = prepare(raw, tmp_path)
     colors = raw.tables["exp_a"]["color"]
     assert m.encoding["T.A.item.color"].oov_values == int((colors == "pink").sum())
-    lengths = raw.tables["exp_a"]["tags"].list.len()
-    assert m.encoding["T.A.item.tags"].truncated_values == int((lengths - 3).clip(lower_bound=0).sum())
+    lengths = raw.tables["exp_a"]["tags"].list.len().to_list()
+    assert m.encoding["T.A.item.tags"].truncated_values == sum(max(n - 3, 0) for n in lengths) > 0
 
 
 def test_hashed_ids_are_stable_across_processes() -> None:
@@ -151,6 +151,14 @@ def test_hashed_ids_are_stable_across_processes() -> None:
     # Integer width does not change the id (hashed as Int64).
     assert encode_ids(pl.Series([7], dtype=pl.Int32), f)[0].to_list() == encode_ids(pl.Series([7]), f)[0].to_list()
     assert len(HASH_SEEDS) == 4
+
+
+def test_oracle_table_covers_the_requested_splits(tmp_path) -> None:
+    raw = tiny_world(4)
+    assert set(prepare(raw, tmp_path / "a").oracle) == {"valid", "test"}
+    assert set(prepare(raw, tmp_path / "b", oracle_splits=("train",)).oracle) == {"train"}
+    with pytest.raises(ValueError, match="unknown oracle split"):
+        prepare(raw, tmp_path / "c", oracle_splits=("dev",))
 
 
 def test_prepare_is_deterministic(tmp_path) -> None:
@@ -221,3 +229,26 @@ def test_shard_bounds_cover_every_sample_once_in_non_empty_shards(weights, min_s
     if w.size:
         assert np.all(np.diff(cuts) > 0)
         assert cuts.size - 1 == min(w.size, max(min_shards, -(-int(w.sum()) // max_rows)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 300), users=st.integers(1, 4), stamps=st.integers(1, 6))
+@example(seed=1, n=300, users=1, stamps=2)  # runs of ~150 rows: the hashed path
+@example(seed=1, n=60, users=4, stamps=6)  # runs of a few rows: the lag path
+def test_duplicate_detection_keeps_exactly_the_first_distinct_rows(seed: int, n: int, users: int, stamps: int) -> None:
+    """Short (user, ts) runs use pairwise lags, runs over 32 rows use row hashes: both must
+    keep exactly polars' first-distinct rows (every column compared, nulls and NaNs equal)."""
+    rng = np.random.default_rng(seed)
+    df = pl.DataFrame({
+        "user_id": rng.integers(0, users, n), "ts": rng.integers(0, stamps, n),
+        "a": rng.integers(0, 2, n), "b": rng.choice([0.5, float("nan")], n),
+        "c": pl.Series(rng.choice(["x", "y"], n)).replace("y", None),
+        "d": [[int(v)] * int(v) for v in rng.integers(0, 2, n)],
+    })
+    order = np.lexsort((df["ts"].to_numpy(), df["user_id"].to_numpy()))  # stable (user, ts) order
+    u, t = df["user_id"].to_numpy()[order], df["ts"].to_numpy()[order]
+    same = (u[1:] == u[:-1]) & (t[1:] == t[:-1])
+    dup = _duplicate_mask(df, order.astype(np.int64), same, ["user_id", "ts"])
+    kept = np.sort(order[~dup])
+    expected = np.flatnonzero(df.select(pl.struct(pl.all()).is_first_distinct()).to_series().to_numpy())
+    assert kept.tolist() == expected.tolist()

@@ -209,7 +209,7 @@ def test_prepare_help_documents_every_option(capsys) -> None:
         main(["prepare", "--help"])
     text = capsys.readouterr().out
     for option in ("--source", "--path", "--schema", "--users", "--seed", "--out", "--scenarios", "--shards",
-                   "--max-shard-rows", "--overwrite", "--quiet"):
+                   "--max-shard-rows", "--oracle-splits", "--overwrite", "--quiet"):
         assert option in text
     for policy in ("timestamp_out_of_range", "duplicate_exposure", "users_without_exposures",
                    "input_exposures == output_exposures + sum(dropped)"):

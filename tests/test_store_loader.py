@@ -20,7 +20,7 @@ from mtfm.data.store import MANIFEST_NAME, format_summary, read_manifest, sample
 def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
     raw = tiny_world(11, WorldSize(users=20, exposures_a=200, exposures_b=100, windows=8))
-    manifest = prepare(raw, out, shards=3)
+    manifest = prepare(raw, out, shards=3, oracle_splits=("train", "valid", "test"))
     return out, raw, manifest
 
 

@@ -12,7 +12,7 @@ import sys
 import time
 
 from mtfm.config import load_schema
-from mtfm.data.aggregate import DEFAULT_MAX_SHARD_ROWS, prepare
+from mtfm.data.aggregate import DEFAULT_MAX_SHARD_ROWS, DEFAULT_ORACLE_SPLITS, prepare
 from mtfm.data.store import format_summary
 
 SOURCES = ("synthetic", "movielens", "kuairand", "directory")
@@ -74,6 +74,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shard-rows", metavar="N", type=int, default=DEFAULT_MAX_SHARD_ROWS,
                    help="size bound of one shard: exposures + history/real-time items "
                         f"(default {DEFAULT_MAX_SHARD_ROWS:,})")
+    p.add_argument("--oracle-splits", metavar="S,S", default=",".join(DEFAULT_ORACLE_SPLITS),
+                   help="splits whose oracle AUC/GAUC table (tasks with an oracle column) is computed "
+                        f"(default {','.join(DEFAULT_ORACLE_SPLITS)}; add train if wanted, it is the slow one)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier prepare's output in DIR (its split folders and manifest.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -92,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     try:
         manifest = prepare(raw, args.out, scenarios=scenarios, shards=args.shards,
-                           max_shard_rows=args.max_shard_rows, overwrite=args.overwrite, progress=not args.quiet)
+                           max_shard_rows=args.max_shard_rows, overwrite=args.overwrite, progress=not args.quiet,
+                           oracle_splits=tuple(s.strip() for s in args.oracle_splits.split(",") if s.strip()))
     except FileExistsError as err:
         print(f"mtfm prepare: error: {err}", file=sys.stderr)
         return 2

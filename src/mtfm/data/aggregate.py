@@ -28,12 +28,14 @@ Bad-input policy (also printed by ``mtfm prepare --help``):
 The accounting ``input_exposures == output_exposures + sum(dropped)`` is checked before the
 manifest is written.
 
-How it stays fast (the target is >= 1M exposures/s on 2 cores): every table is sorted once by
-one int64 key (split, user, time) -- users and times are mapped to dense ranges so the key
-fits -- and everything else is arithmetic on sorted arrays: sample boundaries come from
-``searchsorted`` on the keys, H/R slices from ``searchsorted`` of (user, window) in the sorted
-behaviour table, list columns from offsets + one gathered values array. No Python loop runs
-over users or samples; shards are written by two threads while the next one is assembled.
+How it stays fast (the target is >= 1M exposures/s on 2 cores): the original rows are never
+reordered or copied. Each table gets one order -- by (user, time), stable, found with one
+int64 key sort or, for already sorted input, a linear check -- as an index array; features
+are encoded column by column in the tables' own row order; sample boundaries come from
+``searchsorted`` on (user, window) keys, H/R slices from ``searchsorted`` of (user, window)
+in the ordered behaviour table; a shard's list columns are offsets plus one gather of each
+encoded column. No Python loop runs over users or samples; two threads write shards while the
+next one is gathered.
 
 Inference requests (:func:`build_request`) run the same code with one user, one scenario and
 the request's candidates as the exposures of the request's window, and encoding statistics
@@ -52,12 +54,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from mtfm.config import DataSchema, Feature, ScenarioSpec, SequenceSpec
 from mtfm.data.batch import JaggedBatch
-from mtfm.data.encode import FeatureStats, encode_feature, fit_stats
+from mtfm.data.encode import HASH_SEEDS, FeatureStats, encode_frame, fit_frame, range_positions
 from mtfm.data.raw import RawTables
 from mtfm.data.store import (
     SPLITS,
@@ -71,8 +72,10 @@ from mtfm.data.store import (
     oracle_column,
     realtime_prefix,
     scenario_feature_columns,
+    sample_columns,
     scenario_prefix,
     write_manifest,
+    write_shard,
 )
 from mtfm.data.validate import (
     DataError,
@@ -85,11 +88,13 @@ from mtfm.data.validate import (
 from mtfm.metrics import task_metrics
 
 DEFAULT_MAX_SHARD_ROWS = 2_000_000  # exposures + sequence items per shard
+DEFAULT_ORACLE_SPLITS: tuple[str, ...] = ("valid", "test")
 _KEY_LIMIT = 1 << 62  # int64 keys stay below this (headroom for +1 / +2 offsets)
+_MAX_LAG_RUN = 32  # longest (user, ts) run checked for duplicates by pairwise lags; longer: hashing
 
 
 # --------------------------------------------------------------------------------------------
-# Dense user index: lets (split, user, time) become one order-preserving int64 key
+# Dense user index: lets (user, time) become one order-preserving int64 key
 # --------------------------------------------------------------------------------------------
 
 
@@ -119,40 +124,59 @@ class _Users:
     def index(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(dense index, known mask); unknown ids get index 0 and must be masked out."""
         if self.sorted_ids is None:
-            idx = ids.astype(np.int64) - self.lo
+            idx = ids - self.lo
             known = (idx >= 0) & (idx < self.n)
-            return np.where(known, idx, 0), known
-        pos = np.searchsorted(self.sorted_ids, ids)
-        pos_c = np.minimum(pos, self.n - 1)
-        known = self.sorted_ids[pos_c] == ids
-        return np.where(known, pos_c, 0), known
+            return (idx if known.all() else np.where(known, idx, 0)), known
+        pos = np.minimum(np.searchsorted(self.sorted_ids, ids), self.n - 1)
+        known = self.sorted_ids[pos] == ids
+        return np.where(known, pos, 0), known
 
     def ids(self, index: np.ndarray) -> np.ndarray:
         return index + self.lo if self.sorted_ids is None else self.sorted_ids[index]
 
 
-def _stable_order(primary: list[np.ndarray], spans: list[int]) -> np.ndarray:
-    """Stable argsort by several non-negative int64 columns (most significant first).
+def _stable_order(user_index: np.ndarray, ts: np.ndarray, n_users: int) -> np.ndarray | None:
+    """Stable argsort by (user index, ts); None when the rows are already in that order.
 
-    Packs them into one int64 key when the spans allow it (one fast sort), else falls back to
-    a multi-column stable sort. Already sorted input costs one linear check.
+    Packs both into one int64 key when the ranges allow it (one fast sort, one linear check
+    for sorted input), else falls back to a two-column stable sort.
     """
-    n = primary[0].size
-    total = 1
-    for s in spans:
-        total *= max(s, 1)
-    if total < _KEY_LIMIT:
-        key = np.zeros(n, dtype=np.int64)
-        for col, span in zip(primary, spans):
-            key *= span
-            key += col
-        if n < 2 or bool(np.all(key[1:] >= key[:-1])):
-            return np.arange(n, dtype=np.int64)
+    if ts.size < 2:
+        return None
+    t_lo = int(ts.min())
+    span = int(ts.max()) - t_lo + 1
+    if n_users * span < _KEY_LIMIT:
+        key = user_index * span + (ts - t_lo)
+        if bool(np.all(key[1:] >= key[:-1])):
+            return None
         frame = pl.DataFrame({"k": key})
     else:
-        frame = pl.DataFrame({f"k{i}": c for i, c in enumerate(primary)})
+        if bool(np.all((user_index[1:] > user_index[:-1]) | ((user_index[1:] == user_index[:-1]) & (ts[1:] >= ts[:-1])))):
+            return None
+        frame = pl.DataFrame({"u": user_index, "t": ts})
     order = frame.select(pl.arg_sort_by(frame.columns, maintain_order=True)).to_series()
     return order.to_numpy().astype(np.int64, copy=False)
+
+
+def _sorted_union(arrays: list[np.ndarray]) -> np.ndarray:
+    """Sorted distinct values of several int arrays (a sort, cheaper here than hash-based unique)."""
+    c = np.concatenate(arrays)
+    c.sort()
+    return c[np.r_[True, c[1:] != c[:-1]]] if c.size else c
+
+
+def _is_identity(rows: np.ndarray, n: int) -> bool:
+    """``rows`` (distinct indices into n rows) is exactly 0..n-1 in order."""
+    return rows.size == n and (n < 2 or bool(np.all(rows[1:] > rows[:-1])))
+
+
+def _take_raw(values: np.ndarray | pa.Array, rows: np.ndarray) -> np.ndarray | pa.Array:
+    return values[rows] if isinstance(values, np.ndarray) else values.take(pa.array(rows))
+
+
+def _take(values: np.ndarray | pa.Array, rows: np.ndarray) -> pa.Array:
+    taken = _take_raw(values, rows)
+    return pa.array(taken) if isinstance(taken, np.ndarray) else taken
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,21 +186,30 @@ def _stable_order(primary: list[np.ndarray], spans: list[int]) -> np.ndarray:
 
 @dataclass
 class _ScenarioRows:
-    """Kept exposures of one scenario, in output order (split, user, time; stable)."""
+    """Kept exposures of one scenario, ordered by (user, time) (stable), as original row indices."""
 
     spec: ScenarioSpec
     origin: str
     frame: pl.DataFrame
-    rows: np.ndarray  # original row index of each kept exposure
-    user: np.ndarray
+    rows: np.ndarray  # original row index of each kept exposure, in (user, ts) order
+    user: np.ndarray  # per kept exposure, same order
     ts: np.ndarray
-    split: np.ndarray  # int8: 0 train, 1 valid, 2 test
+    uidx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     sample_key: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    columns: dict[str, np.ndarray | pa.Array] = field(default_factory=dict)  # encoded, original row order
+    identity: bool = False  # rows == 0..n-1: sorted input, nothing dropped (gathers skip a step)
+
+    def kept_mask(self) -> np.ndarray:
+        mask = np.zeros(len(self.frame), dtype=bool)
+        mask[self.rows] = True
+        return mask
 
 
 def _drop_out_of_range(df: pl.DataFrame, schema: DataSchema) -> tuple[np.ndarray, int]:
     """Original row indices with ts in [time.min, time.max), and how many were dropped."""
     ts = df[schema.time.column]
+    if schema.time.min is None and schema.time.max is None:
+        return np.arange(len(df), dtype=np.int64), 0
     keep = pl.repeat(True, len(df), eager=True)
     if schema.time.min is not None:
         keep = keep & (ts >= schema.time.min)
@@ -186,23 +219,88 @@ def _drop_out_of_range(df: pl.DataFrame, schema: DataSchema) -> tuple[np.ndarray
     return rows, len(df) - rows.size
 
 
-def _duplicate_mask(frame: pl.DataFrame, rows: np.ndarray, user: np.ndarray, ts: np.ndarray) -> np.ndarray:
-    """True for exact duplicate rows (not the first occurrence), given rows sorted stably by (user, ts).
+def _equal_rows(frame: pl.DataFrame, columns: list[str], a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact row equality of original rows a[k] and b[k] on ``columns`` (nulls and NaNs equal).
 
-    Exact duplicates share (user, ts) and are therefore adjacent; only rows with a neighbour of
-    the same (user, ts) are compared on every column.
+    Compares column by column on the still-equal pairs only, so the work shrinks fast.
     """
-    same = (user[1:] == user[:-1]) & (ts[1:] == ts[:-1])
+    alive = np.arange(a.size)
+    for col in columns:
+        if alive.size == 0:
+            break
+        s = frame[col]
+        if s.dtype.is_numeric() and s.null_count() == 0:
+            v = s.to_numpy()
+            eq = _equal_values(v[a[alive]], v[b[alive]])
+        else:
+            eq = s.gather(a[alive]).eq_missing(s.gather(b[alive])).to_numpy()
+        alive = alive[eq]
+    out = np.zeros(a.size, dtype=bool)
+    out[alive] = True
+    return out
+
+
+def _duplicate_mask(frame: pl.DataFrame, rows: np.ndarray, same: np.ndarray, skip: list[str],
+                    first: tuple[str, ...] = ()) -> np.ndarray:
+    """True for exact duplicate rows (every column equal to an earlier row; the first is kept).
+
+    ``rows`` are ordered stably by (user, ts) and ``same[i]`` says row i + 1 has the (user, ts)
+    of row i: duplicates share (user, ts), so they sit in one run of equal (user, ts). Each row
+    is compared exactly with the rows 1, 2, ... places before it in its run (``skip``: columns
+    equal by construction; ``first``: columns compared first, the ones most likely to differ
+    inside a run, such as item features). Runs longer than _MAX_LAG_RUN are grouped by row hash.
+    """
+    n = rows.size
+    dup = np.zeros(n, dtype=bool)
     if not same.any():
-        return np.zeros(rows.size, dtype=bool)
-    cand = np.zeros(rows.size, dtype=bool)
+        return dup
+    starts = np.flatnonzero(np.r_[True, ~same])
+    lengths = np.diff(np.r_[starts, n])
+    columns = [c for c in dict.fromkeys([*first, *frame.columns]) if c not in skip and c in frame.columns]
+    if int(lengths.max()) > _MAX_LAG_RUN:
+        return _duplicate_mask_hashed(frame, rows, same, columns)
+    pos = np.arange(n) - np.repeat(starts, lengths)
+    screen = _screen_column(frame, columns, rows)  # one column in run order: a gather-free pre-filter
+    for lag in range(1, int(lengths.max())):
+        cand = pos[lag:] >= lag
+        if screen is not None:
+            cand &= _equal_values(screen[lag:], screen[:-lag])
+        i = np.flatnonzero(cand) + lag
+        i = i[~dup[i]]
+        dup[i[_equal_rows(frame, columns, rows[i], rows[i - lag])]] = True
+    return dup
+
+
+def _equal_values(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (x == y) | (np.isnan(x) & np.isnan(y)) if x.dtype.kind == "f" else x == y
+
+
+def _screen_column(frame: pl.DataFrame, columns: list[str], rows: np.ndarray) -> np.ndarray | None:
+    """The first null-free numeric column of ``columns``, in ``rows`` order (None: there is none)."""
+    for col in columns:
+        s = frame[col]
+        if s.dtype.is_numeric() and s.null_count() == 0:
+            values = s.to_numpy()
+            return values if _is_identity(rows, len(frame)) else values[rows]
+    return None
+
+
+def _duplicate_mask_hashed(frame: pl.DataFrame, rows: np.ndarray, same: np.ndarray, columns: list[str]) -> np.ndarray:
+    """Duplicates for long (user, ts) runs: group by (run, 64-bit row hash), then compare each
+    row exactly with the previous row of its group, so a collision never drops a distinct row."""
+    n = rows.size
+    cand = np.zeros(n, dtype=bool)
     cand[1:] |= same
     cand[:-1] |= same
-    cand_pos = np.flatnonzero(cand)
-    sub = frame[rows[cand_pos]]
-    first = sub.select(pl.struct(pl.all()).is_first_distinct()).to_series().to_numpy()
-    dup = np.zeros(rows.size, dtype=bool)
-    dup[cand_pos[~first]] = True
+    pos = np.flatnonzero(cand)
+    run = np.cumsum(np.r_[True, ~same])[pos]
+    hashes = frame.hash_rows(*HASH_SEEDS).to_numpy()[rows[pos]]
+    keys = pl.DataFrame({"run": run, "hash": hashes})
+    o = keys.select(pl.arg_sort_by("run", "hash", maintain_order=True)).to_series().to_numpy()  # stable
+    pair = (run[o][1:] == run[o][:-1]) & (hashes[o][1:] == hashes[o][:-1])
+    later, earlier = pos[o][1:][pair], pos[o][:-1][pair]
+    dup = np.zeros(n, dtype=bool)
+    dup[later[_equal_rows(frame, columns, rows[later], rows[earlier])]] = True
     return dup
 
 
@@ -236,6 +334,11 @@ def _split_of(window: np.ndarray, schema: DataSchema, b: SplitBoundaries) -> np.
     return ((start >= b.valid_start).astype(np.int8) + (start >= b.test_start).astype(np.int8)).astype(np.int8)
 
 
+def _train_mask(ts: np.ndarray, schema: DataSchema, b: SplitBoundaries) -> np.ndarray:
+    """Rows whose window starts before the valid boundary: the rows normalisation is fitted on."""
+    return (ts // schema.window) * schema.window < b.valid_start
+
+
 # --------------------------------------------------------------------------------------------
 # Sequences
 # --------------------------------------------------------------------------------------------
@@ -243,26 +346,135 @@ def _split_of(window: np.ndarray, schema: DataSchema, b: SplitBoundaries) -> np.
 
 @dataclass
 class _SequenceTable:
-    """A behaviour table restricted to users with samples, sorted by (user, ts) (stable)."""
+    """A behaviour table's rows of users with samples, ordered by (user, ts) (stable)."""
 
     name: str
     origin: str
     frame: pl.DataFrame
-    rows: np.ndarray  # original row index, in sorted order
-    ts: np.ndarray
+    rows: np.ndarray  # original row index, in (user, ts) order
+    ts: np.ndarray  # same order
     key: np.ndarray  # user index * (windows + 2) + clipped window slot; non-decreasing
 
 
 @dataclass
 class _SequenceRows:
-    """One sequence type: per sample [start, end) into its sorted behaviour table."""
+    """One sequence type: per sample [start, end) into its ordered behaviour table."""
 
     prefix: str
     spec: SequenceSpec
     table: _SequenceTable
     start: np.ndarray
     end: np.ndarray
-    columns: dict[str, pa.Array | np.ndarray] = field(default_factory=dict)
+    columns: dict[str, np.ndarray | pa.Array] = field(default_factory=dict)  # encoded, original row order
+
+
+def _sequence_table(name: str, df: pl.DataFrame, origin: str, schema: DataSchema, users: _Users,
+                    window_lo: int, n_windows: int) -> _SequenceTable:
+    user = df[schema.user_column].to_numpy().astype(np.int64, copy=False)
+    ts = df[schema.time.column].to_numpy().astype(np.int64, copy=False)
+    uidx, known = users.index(user)
+    rows = np.arange(len(df), dtype=np.int64)
+    if not known.all():
+        rows = np.flatnonzero(known).astype(np.int64)
+        uidx, ts = uidx[rows], ts[rows]
+    order = _stable_order(uidx, ts, users.n)
+    if order is not None:
+        rows, uidx, ts = rows[order], uidx[order], ts[order]
+    slot = np.clip(ts // schema.window - window_lo + 1, 0, n_windows + 1)
+    return _SequenceTable(name, origin, df, rows, ts, uidx * (n_windows + 2) + slot)
+
+
+def _sequence_bounds(table: _SequenceTable, sample_uidx: np.ndarray, sample_wrel: np.ndarray,
+                     max_len: int, realtime: bool, n_windows: int) -> tuple[np.ndarray, np.ndarray]:
+    """[start, end) of each sample's H (ts < window start) or R (ts < window end) slice."""
+    base = sample_uidx * (n_windows + 2)
+    user_start = np.searchsorted(table.key, base, side="left")
+    end = np.searchsorted(table.key, base + sample_wrel + (2 if realtime else 1), side="left")
+    return np.maximum(user_start, end - max_len).astype(np.int64), end.astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding (original row order; shards gather from these arrays)
+# --------------------------------------------------------------------------------------------
+
+
+def _stats_for(frame: pl.DataFrame, features: list[tuple[Feature, str]], origin: str, train: np.ndarray | None,
+               given: Mapping[str, FeatureStats] | None) -> dict[str, FeatureStats]:
+    """Fitted on the train rows (prepare), or taken from the manifest (requests)."""
+    if given is None:
+        return fit_frame(frame, features, train, origin)
+    missing = [key for _, key in features if key not in given]
+    if missing:
+        raise KeyError(f"manifest has no encoding statistics for column(s) {missing}")
+    return {key: given[key] for _, key in features}
+
+
+def _label_array(frame: pl.DataFrame, labels: list[str]) -> np.ndarray:
+    """AND of the label columns with Kleene logic (0 AND missing = 0): int8 1 / 0 / -1 (missing)."""
+    if any(c not in frame.columns for c in labels):
+        return np.full(len(frame), -1, dtype=np.int8)
+    bools = []
+    for c in labels:
+        s = frame[c]
+        if s.dtype.is_float():
+            s = s.fill_nan(None)
+        bools.append(s.cast(pl.Boolean))
+    anded = pl.select(pl.all_horizontal(bools)).to_series()
+    return anded.cast(pl.Int8).fill_null(-1).to_numpy()
+
+
+def _oracle_array(frame: pl.DataFrame, column: str) -> np.ndarray:
+    if column not in frame.columns:
+        return np.full(len(frame), np.nan, dtype=np.float32)
+    return frame[column].cast(pl.Float32).fill_null(float("nan")).to_numpy()
+
+
+def _encode_scenario(r: _ScenarioRows, schema: DataSchema, b: SplitBoundaries,
+                     given: Mapping[str, FeatureStats] | None, stats: dict[str, FeatureStats]) -> None:
+    """Encode the scenario's features, labels and oracles in the table's own row order."""
+    spec = r.spec
+    kept = None if r.rows.size == len(r.frame) else r.kept_mask()
+    train = None
+    if given is None:
+        train = _train_mask(r.frame[schema.time.column].to_numpy(), schema, b)
+        if kept is not None:
+            train &= kept
+    by_name = {f.name: f for group in spec.feature_groups.values() for f in group}
+    features = [(by_name[fname], col) for pairs in scenario_feature_columns(spec).values() for fname, col in pairs]
+    columns, counted = encode_frame(r.frame, features, _stats_for(r.frame, features, r.origin, train, given), kept)
+    r.columns.update(columns)
+    stats.update(counted)
+    for task in spec.tasks:
+        r.columns[label_column(spec.name, task.name)] = _label_array(r.frame, task.labels)
+        if task.oracle_column is not None:
+            r.columns[oracle_column(spec.name, task.name)] = _oracle_array(r.frame, task.oracle_column)
+
+
+def _encode_sequences(seqs: list[_SequenceRows], schema: DataSchema, b: SplitBoundaries,
+                      given: Mapping[str, FeatureStats] | None, stats: dict[str, FeatureStats]) -> None:
+    """Encode each behaviour table once: a feature read by several types (H and R of one
+    table) is encoded once and shared. Counts (OOV, truncation, clipping) cover every row of
+    the table. Columns are then put in the table's (user, ts) order, so every shard gathers
+    directly by position (sequence items repeat across a user's windows)."""
+    by_table: dict[str, list[_SequenceRows]] = {}
+    for seq in seqs:
+        by_table.setdefault(seq.table.name, []).append(seq)
+    for group in by_table.values():
+        t = group[0].table
+        unique: dict[str, tuple[Feature, str]] = {}  # feature spec -> (feature, first column key)
+        for seq in group:
+            for f in seq.spec.features:
+                unique.setdefault(f.model_dump_json(), (f, f"{seq.prefix}.{f.name}"))
+        features = list(unique.values())
+        train = _train_mask(t.frame[schema.time.column].to_numpy(), schema, b) if given is None else None
+        columns, counted = encode_frame(t.frame, features, _stats_for(t.frame, features, t.origin, train, given))
+        if not _is_identity(t.rows, len(t.frame)):
+            columns = {k: _take_raw(v, t.rows) for k, v in columns.items()}
+        for seq in group:
+            for f in seq.spec.features:
+                key = unique[f.model_dump_json()][1]
+                seq.columns[f"{seq.prefix}.{f.name}"] = columns[key]
+                stats[f"{seq.prefix}.{f.name}"] = counted[key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,17 +484,15 @@ class _SequenceRows:
 
 @dataclass
 class Aggregation:
-    """Every sample's bounds and every encoded column; ``table(a, b)`` assembles samples a..b-1."""
+    """Every sample's bounds and every encoded column; ``table(samples)`` assembles samples."""
 
     schema: DataSchema
     boundaries: SplitBoundaries
     users: _Users
-    window_lo: int
-    sample_user: np.ndarray
-    sample_window: np.ndarray
-    sample_split: np.ndarray
-    scenario_offsets: dict[str, np.ndarray]  # [samples + 1] rows of each scenario
-    scenario_columns: dict[str, dict[str, pa.Array]]
+    sample_user: np.ndarray  # samples in (user, window) order
+    sample_window: np.ndarray  # window id
+    sample_split: np.ndarray  # int8 0 train, 1 valid, 2 test
+    scenario_offsets: dict[str, np.ndarray]  # [samples + 1] positions in the scenario's ordered rows
     scenario_rows: dict[str, _ScenarioRows]
     sequences: list[_SequenceRows]
     stats: dict[str, FeatureStats]
@@ -294,40 +504,43 @@ class Aggregation:
     def num_samples(self) -> int:
         return int(self.sample_user.size)
 
-    def split_range(self, split: int) -> tuple[int, int]:
-        lo, hi = np.searchsorted(self.sample_split, [split, split + 1])
-        return int(lo), int(hi)
+    def split_samples(self, split: int) -> np.ndarray:
+        """Indices of the split's samples, in (user, window) order."""
+        return np.flatnonzero(self.sample_split == split)
 
-    def sample_weights(self, lo: int, hi: int) -> np.ndarray:
-        """Exposures + sequence items of each sample in [lo, hi): the shard size measure."""
-        w = np.zeros(hi - lo, dtype=np.int64)
+    def exposures_of(self, samples: np.ndarray) -> dict[str, int]:
+        return {s: int((off[samples + 1] - off[samples]).sum()) for s, off in self.scenario_offsets.items()}
+
+    def sample_weights(self, samples: np.ndarray) -> np.ndarray:
+        """Exposures + sequence items of each sample: the shard size measure."""
+        w = np.zeros(samples.size, dtype=np.int64)
         for off in self.scenario_offsets.values():
-            w += np.diff(off[lo : hi + 1])
+            w += off[samples + 1] - off[samples]
         for seq in self.sequences:
-            w += seq.end[lo:hi] - seq.start[lo:hi]
+            w += seq.end[samples] - seq.start[samples]
         return w
 
-    def table(self, a: int, b: int) -> pa.Table:
-        """Samples [a, b) as an Arrow table with the store's columns (see mtfm.data.store)."""
+    def table(self, samples: np.ndarray) -> pa.Table:
+        """The given samples as an Arrow table with the store's columns (see mtfm.data.store)."""
         cols: dict[str, pa.Array] = {
-            "user_id": pa.array(self.sample_user[a:b], type=pa.int64()),
-            "window_start": pa.array(self.sample_window[a:b] * self.schema.window, type=pa.int64()),
+            "user_id": pa.array(self.sample_user[samples], type=pa.int64()),
+            "window_start": pa.array(self.sample_window[samples] * self.schema.window, type=pa.int64()),
         }
         for seq in self.sequences:
-            lengths = seq.end[a:b] - seq.start[a:b]
-            offsets = np.zeros(lengths.size + 1, dtype=np.int64)
-            np.cumsum(lengths, out=offsets[1:])
-            idx = np.repeat(seq.start[a:b] - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
+            offsets, pos = range_positions(seq.start[samples], seq.end[samples])
             pa_offsets = pa.array(offsets)
-            for name, values in seq.columns.items():
-                taken = pa.array(values[idx]) if isinstance(values, np.ndarray) else values.take(pa.array(idx))
-                cols[name] = pa.LargeListArray.from_arrays(pa_offsets, taken)
+            cols[f"{seq.prefix}.ts"] = pa.LargeListArray.from_arrays(pa_offsets, pa.array(seq.table.ts[pos]))
+            for name, values in seq.columns.items():  # already in the table's (user, ts) order
+                cols[name] = pa.LargeListArray.from_arrays(pa_offsets, _take(values, pos))
         for s, off in self.scenario_offsets.items():
-            lo, hi = int(off[a]), int(off[b])
-            pa_offsets = pa.array(off[a : b + 1] - lo)
-            for name, values in self.scenario_columns[s].items():
-                cols[name] = pa.LargeListArray.from_arrays(pa_offsets, values.slice(lo, hi - lo))
-        return pa.table(cols)
+            r = self.scenario_rows[s]
+            offsets, pos = range_positions(off[samples], off[samples + 1])
+            pa_offsets = pa.array(offsets)
+            cols[f"{scenario_prefix(s)}.ts"] = pa.LargeListArray.from_arrays(pa_offsets, pa.array(r.ts[pos]))
+            rows = pos if r.identity else r.rows[pos]
+            for name, values in r.columns.items():
+                cols[name] = pa.LargeListArray.from_arrays(pa_offsets, _take(values, rows))
+        return pa.table({name: cols[name] for name in sample_columns(self.schema)})
 
 
 def _window_span(scen: list[_ScenarioRows], window: int) -> tuple[int, int]:
@@ -362,138 +575,29 @@ def _collect_exposures(
         ts = df[schema.time.column].to_numpy().astype(np.int64, copy=False)
         if rows.size != len(df):
             user, ts = user[rows], ts[rows]
-        out.append(_ScenarioRows(spec, origins.get(spec.table, spec.table), df, rows, user, ts,
-                                 np.zeros(0, dtype=np.int8)))
+        out.append(_ScenarioRows(spec, origins.get(spec.table, spec.table), df, rows, user, ts))
     return out, dropped
 
 
-def _order_exposures(scen: list[_ScenarioRows], users: _Users, boundaries: SplitBoundaries,
-                     schema: DataSchema, window_lo: int, n_windows: int, dropped: dict[str, int],
-                     apply_drops: bool) -> None:
-    """Sort each scenario's rows by (split, user, ts), drop duplicates, set sample keys."""
+def _order_exposures(scen: list[_ScenarioRows], users: _Users, schema: DataSchema, window_lo: int,
+                     n_windows: int, dropped: dict[str, int], apply_drops: bool) -> None:
+    """Order each scenario's rows by (user, ts), drop exact duplicates, set sample keys."""
+    skip = [schema.user_column, schema.time.column]
     for r in scen:
-        if r.ts.size == 0:
-            r.split, r.sample_key = np.zeros(0, dtype=np.int8), np.zeros(0, dtype=np.int64)
-            continue
-        window = r.ts // schema.window
-        split = _split_of(window, schema, boundaries)
+        first = tuple(f.name for f in r.spec.item_features) + tuple(f.name for f in r.spec.cross_features)
         uidx, _ = users.index(r.user)
-        t_lo = int(r.ts.min())
-        order = _stable_order([split.astype(np.int64), uidx, r.ts - t_lo],
-                              [len(SPLITS), users.n, int(r.ts.max()) - t_lo + 1])
-        r.rows, r.user, r.ts, split, uidx = r.rows[order], r.user[order], r.ts[order], split[order], uidx[order]
-        if apply_drops:
-            dup = _duplicate_mask(r.frame, r.rows, r.user, r.ts)
+        order = _stable_order(uidx, r.ts, users.n)
+        if order is not None:
+            r.rows, r.user, r.ts, uidx = r.rows[order], r.user[order], r.ts[order], uidx[order]
+        if apply_drops and r.ts.size > 1:
+            same = (uidx[1:] == uidx[:-1]) & (r.ts[1:] == r.ts[:-1])
+            dup = _duplicate_mask(r.frame, r.rows, same, skip, first)
             if dup.any():
                 keep = ~dup
                 dropped["duplicate_exposure"] += int(dup.sum())
-                r.rows, r.user, r.ts, split, uidx = r.rows[keep], r.user[keep], r.ts[keep], split[keep], uidx[keep]
-        r.split = split
-        r.sample_key = (split.astype(np.int64) * users.n + uidx) * n_windows + (r.ts // schema.window - window_lo)
-
-
-def _sequence_table(name: str, df: pl.DataFrame, origin: str, schema: DataSchema, users: _Users,
-                    window_lo: int, n_windows: int) -> _SequenceTable:
-    user = df[schema.user_column].to_numpy().astype(np.int64, copy=False)
-    ts = df[schema.time.column].to_numpy().astype(np.int64, copy=False)
-    uidx, known = users.index(user)
-    rows = np.flatnonzero(known).astype(np.int64)
-    uidx, ts = uidx[rows], ts[rows]
-    if rows.size:
-        t_lo = int(ts.min())
-        order = _stable_order([uidx, ts - t_lo], [users.n, int(ts.max()) - t_lo + 1])
-        rows, uidx, ts = rows[order], uidx[order], ts[order]
-    slot = np.clip(ts // schema.window - window_lo + 1, 0, n_windows + 1)
-    return _SequenceTable(name, origin, df, rows, ts, uidx * (n_windows + 2) + slot)
-
-
-def _sequence_bounds(table: _SequenceTable, sample_uidx: np.ndarray, sample_wrel: np.ndarray,
-                     max_len: int, realtime: bool, n_windows: int) -> tuple[np.ndarray, np.ndarray]:
-    """[start, end) of each sample's H (ts < window start) or R (ts < window end) slice."""
-    base = sample_uidx * (n_windows + 2)
-    user_start = np.searchsorted(table.key, base, side="left")
-    end = np.searchsorted(table.key, base + sample_wrel + (2 if realtime else 1), side="left")
-    return np.maximum(user_start, end - max_len).astype(np.int64), end.astype(np.int64)
-
-
-def _train_mask(ts: np.ndarray, schema: DataSchema, b: SplitBoundaries) -> np.ndarray:
-    """Rows whose window starts before the valid boundary: the rows normalisation is fitted on."""
-    return (ts // schema.window) * schema.window < b.valid_start
-
-
-def _encode(feature: Feature, values: pl.Series, key: str, origin: str, train: np.ndarray | None,
-            given: Mapping[str, FeatureStats] | None) -> tuple[pa.Array, FeatureStats]:
-    if given is not None:
-        if key not in given:
-            raise KeyError(f"manifest has no encoding statistics for column '{key}'")
-        stats = given[key]
-    else:
-        assert train is not None
-        stats = fit_stats(feature, values.filter(pl.Series(train)), origin)
-    return encode_feature(feature, values, stats)
-
-
-def _label_array(frame: pl.DataFrame, rows: np.ndarray, labels: list[str]) -> pa.Array:
-    """AND of the label columns with Kleene logic (0 AND missing = 0): int8 1 / 0 / -1 (missing)."""
-    if any(c not in frame.columns for c in labels):
-        return pa.array(np.full(rows.size, -1, dtype=np.int8))
-    bools = []
-    for c in labels:
-        s = frame[c].gather(rows)
-        if s.dtype.is_float():
-            s = s.fill_nan(None)
-        bools.append(s.cast(pl.Boolean))
-    anded = pl.select(pl.all_horizontal(bools)).to_series()
-    return anded.cast(pl.Int8).fill_null(-1).to_arrow()
-
-
-def _oracle_array(frame: pl.DataFrame, rows: np.ndarray, column: str) -> pa.Array:
-    if column not in frame.columns:
-        return pa.array(np.full(rows.size, np.nan, dtype=np.float32))
-    s = frame[column].gather(rows).cast(pl.Float32)
-    return s.fill_null(float("nan")).to_arrow()
-
-
-def _encode_scenarios(scen: list[_ScenarioRows], schema: DataSchema, b: SplitBoundaries,
-                      given: Mapping[str, FeatureStats] | None,
-                      stats: dict[str, FeatureStats]) -> dict[str, dict[str, pa.Array]]:
-    out: dict[str, dict[str, pa.Array]] = {}
-    for r in scen:
-        spec, cols = r.spec, {}
-        cols[f"{scenario_prefix(spec.name)}.ts"] = pa.array(r.ts, type=pa.int64())
-        train = r.split == 0 if given is None else None
-        features = {f.name: f for group in spec.feature_groups.values() for f in group}
-        for group, pairs in scenario_feature_columns(spec).items():
-            for fname, col in pairs:
-                values = r.frame[fname].gather(r.rows)
-                cols[col], stats[col] = _encode(features[fname], values, col, r.origin, train, given)
-        for task in spec.tasks:
-            cols[label_column(spec.name, task.name)] = _label_array(r.frame, r.rows, task.labels)
-        for task in spec.tasks:
-            if task.oracle_column is not None:
-                cols[oracle_column(spec.name, task.name)] = _oracle_array(r.frame, r.rows, task.oracle_column)
-        out[spec.name] = cols
-    return out
-
-
-def _encode_sequences(seqs: list[_SequenceRows], schema: DataSchema, b: SplitBoundaries,
-                      given: Mapping[str, FeatureStats] | None, stats: dict[str, FeatureStats]) -> None:
-    """Encode each behaviour column once per (table, feature spec), shared by H and R types."""
-    cache: dict[tuple[str, str], tuple[np.ndarray | pa.Array, FeatureStats]] = {}
-    for seq in seqs:
-        t = seq.table
-        seq.columns[f"{seq.prefix}.ts"] = t.ts
-        train = _train_mask(t.ts, schema, b) if given is None else None
-        for feature in seq.spec.features:
-            col = f"{seq.prefix}.{feature.name}"
-            ck = (t.name, feature.model_dump_json())
-            if ck not in cache or given is not None:
-                values = t.frame[feature.name].gather(t.rows)
-                arr, st = _encode(feature, values, col, t.origin, train, given)
-                if pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
-                    arr = arr.to_numpy(zero_copy_only=False)
-                cache[ck] = (arr, st)
-            seq.columns[col], stats[col] = cache[ck]
+                r.rows, r.user, r.ts, uidx = r.rows[keep], r.user[keep], r.ts[keep], uidx[keep]
+        r.uidx, r.identity = uidx, _is_identity(r.rows, len(r.frame))
+        r.sample_key = uidx * n_windows + (r.ts // schema.window - window_lo)
 
 
 def aggregate(tables: Mapping[str, pl.DataFrame], origins: Mapping[str, str], schema: DataSchema, *,
@@ -521,16 +625,13 @@ def aggregate(tables: Mapping[str, pl.DataFrame], origins: Mapping[str, str], sc
     window_lo, n_windows = _window_span(scen, schema.window)
     if boundaries is None:
         boundaries = split_boundaries(schema, _distinct_windows(scen, schema.window, window_lo, n_windows))
-    users = _Users.build([r.user for r in scen], len(SPLITS) * n_windows)
-    _order_exposures(scen, users, boundaries, schema, window_lo, n_windows, dropped, apply_drops)
-    tick("sort_exposures")
+    users = _Users.build([r.user for r in scen if r.user.size], n_windows + 2)
+    _order_exposures(scen, users, schema, window_lo, n_windows, dropped, apply_drops)
+    tick("order_exposures")
 
-    keys = np.unique(np.concatenate([r.sample_key[np.r_[True, r.sample_key[1:] != r.sample_key[:-1]]]
-                                     for r in scen if r.sample_key.size]))
-    per_split = users.n * n_windows
-    sample_split = (keys // per_split).astype(np.int8)
-    sample_uidx = (keys % per_split) // n_windows
-    sample_wrel = keys % n_windows
+    run_starts = [r.sample_key[np.r_[True, r.sample_key[1:] != r.sample_key[:-1]]] for r in scen if r.sample_key.size]
+    keys = _sorted_union(run_starts)
+    sample_uidx, sample_wrel = keys // n_windows, keys % n_windows
     offsets = {}
     for r in scen:
         off = np.empty(keys.size + 1, dtype=np.int64)
@@ -541,15 +642,16 @@ def aggregate(tables: Mapping[str, pl.DataFrame], origins: Mapping[str, str], sc
 
     seq_tables: dict[str, _SequenceTable] = {}
     behaviour_users: list[np.ndarray] = []
-    for table, specs in sequence_tables(schema).items():
+    for table in sequence_tables(schema):
         df = tables[table]
         seq_tables[table] = _sequence_table(table, df, origins.get(table, table), schema, users, window_lo, n_windows)
         behaviour_users.append(df[schema.user_column].unique().to_numpy().astype(np.int64))
     sample_user_ids = users.ids(sample_uidx)
-    with_samples = np.unique(sample_user_ids)
     without = 0
     if behaviour_users:
-        without = int(np.setdiff1d(np.unique(np.concatenate(behaviour_users)), with_samples).size)
+        with_samples = sample_user_ids[np.r_[True, sample_user_ids[1:] != sample_user_ids[:-1]]]  # ordered by user
+        seen = _sorted_union(behaviour_users)
+        without = int(seen.size - np.isin(seen, with_samples, assume_unique=True).sum())
     seqs = []
     for kind, prefix_of, specs in (("H", history_prefix, schema.history), ("R", realtime_prefix, schema.realtime)):
         for spec in specs:
@@ -559,15 +661,16 @@ def aggregate(tables: Mapping[str, pl.DataFrame], origins: Mapping[str, str], sc
     tick("sequences")
 
     stats: dict[str, FeatureStats] = {}
-    scen_cols = _encode_scenarios(scen, schema, boundaries, given_stats, stats)
+    for r in scen:
+        _encode_scenario(r, schema, boundaries, given_stats, stats)
     _encode_sequences(seqs, schema, boundaries, given_stats, stats)
     tick("encode")
+    window = sample_wrel + window_lo
     return Aggregation(
-        schema=schema, boundaries=boundaries, users=users, window_lo=window_lo,
-        sample_user=sample_user_ids, sample_window=sample_wrel + window_lo, sample_split=sample_split,
-        scenario_offsets=offsets, scenario_columns=scen_cols, scenario_rows={r.spec.name: r for r in scen},
-        sequences=seqs, stats=stats, dropped=dropped, input_exposures=input_exposures,
-        users_without_exposures=without,
+        schema=schema, boundaries=boundaries, users=users, sample_user=sample_user_ids, sample_window=window,
+        sample_split=_split_of(window, schema, boundaries), scenario_offsets=offsets,
+        scenario_rows={r.spec.name: r for r in scen}, sequences=seqs, stats=stats, dropped=dropped,
+        input_exposures=input_exposures, users_without_exposures=without,
     )
 
 
@@ -594,37 +697,39 @@ def shard_bounds(weights: np.ndarray, min_shards: int, max_rows: int) -> np.ndar
 def _scenario_info(agg: Aggregation) -> dict[str, ScenarioInfo]:
     out = {}
     for spec in agg.schema.scenarios:
-        cols = agg.scenario_columns[spec.name]
+        r = agg.scenario_rows[spec.name]
         rates, observed = {}, {}
         for task in spec.tasks:
-            lab = cols[label_column(spec.name, task.name)].to_numpy(zero_copy_only=False)
+            lab = r.columns[label_column(spec.name, task.name)][r.rows]
             obs = int((lab >= 0).sum())
             observed[task.name] = obs
             rates[task.name] = float((lab == 1).sum() / obs) if obs else None
-        out[spec.name] = ScenarioInfo(exposures=int(agg.scenario_offsets[spec.name][-1]), label_rates=rates,
-                                      observed_labels=observed)
+        out[spec.name] = ScenarioInfo(exposures=int(r.rows.size), label_rates=rates, observed_labels=observed)
     return out
 
 
-def _oracle_table(agg: Aggregation) -> dict[str, dict[str, dict[str, dict]]]:
+def _oracle_table(agg: Aggregation, splits: tuple[str, ...]) -> dict[str, dict[str, dict[str, dict]]]:
     """oracle[split][scenario][task] = task_metrics of the true probabilities (observed labels)."""
     out: dict[str, dict[str, dict[str, dict]]] = {}
-    for k, split in enumerate(SPLITS):
-        lo_s, hi_s = agg.split_range(k)
-        for spec in agg.schema.scenarios:
-            off = agg.scenario_offsets[spec.name]
-            lo, hi = int(off[lo_s]), int(off[hi_s])
-            users = agg.scenario_rows[spec.name].user[lo:hi]
-            cols = agg.scenario_columns[spec.name]
+    for spec in agg.schema.scenarios:
+        r = agg.scenario_rows[spec.name]
+        if not any(t.oracle_column is not None for t in spec.tasks) or r.rows.size == 0:
+            continue
+        split = _split_of(r.ts // agg.schema.window, agg.schema, agg.boundaries)
+        for k, name in enumerate(SPLITS):
+            if name not in splits or not (split == k).any():
+                continue
+            rows = r.rows[split == k]
+            users = r.user[split == k]
             for task in spec.tasks:
-                if task.oracle_column is None or hi == lo:
+                if task.oracle_column is None:
                     continue
-                lab = cols[label_column(spec.name, task.name)].slice(lo, hi - lo).to_numpy(zero_copy_only=False)
-                prob = cols[oracle_column(spec.name, task.name)].slice(lo, hi - lo).to_numpy(zero_copy_only=False)
+                lab = r.columns[label_column(spec.name, task.name)][rows]
+                prob = r.columns[oracle_column(spec.name, task.name)][rows]
                 ok = (lab >= 0) & ~np.isnan(prob)
                 m = task_metrics(users[ok], lab[ok], prob[ok]).as_dict()
-                out.setdefault(split, {}).setdefault(spec.name, {})[task.name] = m
-    return out
+                out.setdefault(name, {}).setdefault(spec.name, {})[task.name] = m
+    return {name: out[name] for name in SPLITS if name in out}
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -645,44 +750,49 @@ def _clear_out_dir(out_dir: Path) -> None:
 
 def _write_shards(agg: Aggregation, out_dir: Path, shards: int, max_shard_rows: int,
                   progress: bool) -> dict[str, SplitInfo]:
-    """Write every split's shards; two writer threads overlap Parquet encoding with assembly."""
+    """Write every split's shards; two writer threads overlap Parquet encoding with gathering."""
     plan = []
-    for k, split in enumerate(SPLITS):
-        lo, hi = agg.split_range(k)
-        cuts = lo + shard_bounds(agg.sample_weights(lo, hi), shards, max_shard_rows)
-        plan += [(split, i, int(cuts[i]), int(cuts[i + 1])) for i in range(cuts.size - 1)]
     infos: dict[str, SplitInfo] = {}
     for k, split in enumerate(SPLITS):
-        lo, hi = agg.split_range(k)
-        per = {s: int(off[hi] - off[lo]) for s, off in agg.scenario_offsets.items()}
-        infos[split] = SplitInfo(samples=hi - lo, exposures=sum(per.values()), scenario_exposures=per, shards=[])
+        members = agg.split_samples(k)
+        cuts = shard_bounds(agg.sample_weights(members), shards, max_shard_rows)
+        plan += [(split, i, members[cuts[i]:cuts[i + 1]]) for i in range(cuts.size - 1)]
+        per = agg.exposures_of(members)
+        infos[split] = SplitInfo(samples=int(members.size), exposures=sum(per.values()), scenario_exposures=per,
+                                 shards=[])
     pending: list[Future] = []
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for split, i, a, b in tqdm(plan, desc="writing shards", unit="shard", disable=not progress):
+        for split, i, samples in tqdm(plan, desc="writing shards", unit="shard", disable=not progress):
             (out_dir / split).mkdir(parents=True, exist_ok=True)
             rel = f"{split}/part-{i:05d}.parquet"
-            table = agg.table(a, b)
+            table = agg.table(samples)
             while len(pending) >= 2:
                 pending.pop(0).result()
-            pending.append(pool.submit(pq.write_table, table, out_dir / rel, compression="zstd"))
-            exposures = sum(int(off[b] - off[a]) for off in agg.scenario_offsets.values())
-            infos[split].shards.append(ShardInfo(path=rel, samples=b - a, exposures=exposures))
+            pending.append(pool.submit(write_shard, table, out_dir / rel))
+            infos[split].shards.append(ShardInfo(path=rel, samples=int(samples.size),
+                                                 exposures=sum(agg.exposures_of(samples).values())))
         for f in pending:
             f.result()
     return infos
 
 
 def prepare(raw: RawTables, out_dir: str | Path, *, scenarios: list[str] | None = None, shards: int = 1,
-            max_shard_rows: int = DEFAULT_MAX_SHARD_ROWS, overwrite: bool = False,
-            progress: bool = False) -> Manifest:
+            max_shard_rows: int = DEFAULT_MAX_SHARD_ROWS, oracle_splits: tuple[str, ...] = DEFAULT_ORACLE_SPLITS,
+            overwrite: bool = False, progress: bool = False) -> Manifest:
     """Validate, aggregate, write shards and ``manifest.json``; return the manifest.
 
     ``scenarios``: prepare only these scenarios (their tables are read, the others ignored;
     ``input_exposures`` counts the prepared scenarios' rows plus the source's ``pre_dropped``).
     ``shards``: at least this many shards per split (for ``torchrun`` ranks).
+    ``oracle_splits``: splits whose oracle AUC/GAUC table is computed. Default valid and test,
+    the splits a model is evaluated on: the ceiling matters there, and the train split (most
+    of the rows) would cost more than the aggregation itself.
     """
     if shards < 1 or max_shard_rows < 1:
         raise ValueError(f"shards ({shards}) and max_shard_rows ({max_shard_rows}) must be >= 1")
+    unknown = [s for s in oracle_splits if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"unknown oracle split(s) {unknown}; the splits are {list(SPLITS)}")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     schema = raw.schema if scenarios is None else raw.schema.restrict(scenarios)
@@ -696,16 +806,16 @@ def prepare(raw: RawTables, out_dir: str | Path, *, scenarios: list[str] | None 
     splits = _write_shards(agg, out_dir, shards, max_shard_rows, progress)
     timings["write"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    oracle = _oracle_table(agg)
+    oracle = _oracle_table(agg, oracle_splits)
     timings["oracle"] = time.perf_counter() - t2
     dropped = {k: v for k, v in agg.dropped.items() if v}
     for reason, n in raw.pre_dropped.items():
         dropped[reason] = dropped.get(reason, 0) + int(n)
     manifest = Manifest(
         input_exposures=agg.input_exposures + sum(int(n) for n in raw.pre_dropped.values()),
-        output_exposures=sum(int(off[-1]) for off in agg.scenario_offsets.values()),
+        output_exposures=sum(r.rows.size for r in agg.scenario_rows.values()),
         dropped=dropped,
-        users=int(np.unique(agg.sample_user).size),
+        users=int(np.count_nonzero(np.diff(agg.sample_user)) + 1),  # samples are ordered by user
         users_without_exposures=agg.users_without_exposures,
         samples=agg.num_samples,
         splits=splits,
@@ -784,4 +894,4 @@ def build_request(tables: RawTables | Mapping[str, pl.DataFrame], manifest: Mani
     far = SplitBoundaries(style="absolute", valid_start=np.iinfo(np.int64).max, test_start=np.iinfo(np.int64).max)
     agg = aggregate(req_tables, req_origins, schema, boundaries=far,
                     given_stats=manifest.encoding, apply_drops=False)
-    return table_to_batch(agg.table(0, agg.num_samples), schema)
+    return table_to_batch(agg.table(np.arange(agg.num_samples)), schema)

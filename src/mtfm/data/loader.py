@@ -3,9 +3,10 @@
 The loader takes no feature decision (everything was encoded by ``mtfm prepare``): it picks
 samples, lets Arrow gather them (``Table.take`` in C++, or a zero-copy ``slice`` when the
 samples are contiguous, as without shuffling), and wraps the resulting Arrow buffers as
-tensors through DLPack (``torch.from_dlpack``) -- list offsets are int64 (``large_list``) and ids int64, so
-values and offsets reach the model without a copy. Only the label matrix, the per-task mask
-and rebased offsets of sliced lists are new memory.
+tensors through DLPack (``torch.from_dlpack``) -- list offsets are int64 (``large_list``), so
+offsets, timestamps and numeric values reach the model without a copy. New memory: ids
+(stored int32 to halve the shards, widened to the model's int64), the label matrix and mask,
+and rebased offsets of sliced lists.
 
 Order: deterministic for ``(seed, epoch)``. With ``shuffle`` the rank's shards are visited in
 a permuted order and samples are permuted within each shard (a shard is read once per epoch);
@@ -51,7 +52,7 @@ from mtfm.data.store import (
     scenario_prefix,
 )
 
-_TORCH_DTYPES = {pa.int64(): torch.int64, pa.float32(): torch.float32, pa.int8(): torch.int8}
+_TORCH_DTYPES = {pa.int64(): torch.int64, pa.int32(): torch.int32, pa.float32(): torch.float32, pa.int8(): torch.int8}
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,9 +121,9 @@ def _features(group: _Group, pairs: list[tuple[Feature, str]]) -> FeatureTensors
             out.numeric[feature.name] = _tensor(arr, col)
         elif isinstance(feature, MultiCategoricalFeature):
             inner_offsets, inner_values = _list_parts(arr, col)
-            out.multi[feature.name] = (_tensor(inner_values, col), inner_offsets)
+            out.multi[feature.name] = (_tensor(inner_values, col).long(), inner_offsets)
         else:
-            out.categorical[feature.name] = _tensor(arr, col)
+            out.categorical[feature.name] = _tensor(arr, col).long()  # stored int32: widened (a copy)
     return out
 
 

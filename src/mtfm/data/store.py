@@ -13,8 +13,8 @@ the model without conversion:
 
 * ``user_id`` int64, ``window_start`` int64 (time unit of the schema);
 * per scenario ``s``: ``T.s.ts`` (exposure timestamps), ``T.s.user.<f>``, ``T.s.cross.<f>``,
-  ``T.s.item.<f>`` (encoded features: int64 ids, float32 values, or list<int64> for
-  multi-categorical), ``T.s.label.<task>`` int8 (1, 0, or -1 = not observed) and, for tasks
+  ``T.s.item.<f>`` (encoded features: int32 ids -- int64 when a cardinality exceeds 2**31 --,
+  float32 values, or a list of ids for multi-categorical), ``T.s.label.<task>`` int8 (1, 0, or -1 = not observed) and, for tasks
   with an oracle column, ``T.s.oracle.<task>`` float32 (NaN = unknown). All columns of one
   scenario share one list length per sample: its exposure count in the window, possibly 0;
 * per history type ``h``: ``H.h.ts`` and ``H.h.<f>``; per real-time type ``r``: ``R.r.ts``
@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mtfm.config import DataSchema, ScenarioSpec, SequenceSpec, schema_from_dict
@@ -98,6 +100,20 @@ def sample_columns(schema: DataSchema) -> list[str]:
     for s in schema.scenarios:
         cols += scenario_columns(s)
     return cols
+
+
+# --------------------------------------------------------------------------------------------
+# Shards
+# --------------------------------------------------------------------------------------------
+
+
+def write_shard(table: pa.Table, path: str | Path) -> None:
+    """Write one shard. No dictionaries and no column statistics: measured 3-5x faster to write
+    for these long list columns (ids and timestamps with many distinct values), and nothing
+    reads the statistics (shards are always read whole). lz4 costs about the CPU time of no
+    compression (zstd level 1: +25 %) for a quarter of the size, and reads fastest."""
+    pq.write_table(table, path, compression="lz4", use_dictionary=False, write_statistics=False,
+                   data_page_version="2.0", write_batch_size=65536, data_page_size=4 << 20)
 
 
 # --------------------------------------------------------------------------------------------
