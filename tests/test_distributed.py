@@ -1,46 +1,58 @@
-"""torchrun with 2 CPU processes (gloo): unequal shards, no hang, no lost data, gathered AUC."""
+"""`torchrun --nproc_per_node 2 -m mtfm train` on CPU (gloo): each rank reads its own shards,
+ranks with unequal batch counts stay in lockstep without hanging or dropping data, and the
+valid metrics are computed on the predictions of both ranks gathered together."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+import torch
+from train_fixtures import prepare_synthetic, write_tiny_model_yaml
 
-HERE = Path(__file__).parent
+from mtfm.data.loader import BatchLoader
+from mtfm.data.store import read_manifest
+from mtfm.train.evaluate import compute_metrics, predict, run_checkpoint
+from mtfm.train.models import model_from_checkpoint
+
+BATCH = 16
 
 
-def _torchrun(args: list[str], cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+def test_two_ranks_with_unequal_shards_train_in_lockstep_and_gather_before_auc(tmp_path):
+    data = prepare_synthetic(tmp_path / "data", users=150, shards=3)  # rank 0 reads 2 shards, rank 1 one
+    model = write_tiny_model_yaml(tmp_path / "tiny.yaml")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mtfm",
+           "train", "--data", data, "--out", str(run), "--model", model, "--epochs", "1", "--batch-size", str(BATCH),
+           "--lr", "1e-3", "--quiet"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if "find_unused_parameters" not in line]
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n" + "\n".join(lines[:80]))
-    return proc
+        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n" + "\n".join(lines[:80]))
 
+    m = json.loads((run / "metrics.json").read_text())
+    per_rank = [BatchLoader(data, "train", BATCH, shuffle=True, seed=0, rank=r, world_size=2).num_batches(0) for r in (0, 1)]
+    assert per_rank[0] != per_rank[1]
+    assert m["world_size"] == 2 and m["ranks_in_sync"]
+    # The ranks agree on the longer count; the shorter rank replays its last batch with zero loss.
+    assert m["steps"] == max(per_rank) and m["padding_steps"] == abs(per_rank[0] - per_rank[1])
+    assert m["data"]["train_samples"] == read_manifest(data).splits["train"].samples  # both ranks' shards
 
-def test_two_ranks_with_unequal_batches_train_in_lockstep_and_gather_before_auc(tmp_path):
-    _torchrun([str(HERE / "ddp_worker.py"), str(tmp_path)], cwd=tmp_path)
-    report = json.loads((tmp_path / "report.json").read_text())
-    m = report["metrics"]
-    assert report["world_size"] == 2 and m["world_size"] == 2
-    assert report["same_weights_on_all_ranks"]
-    # 15 train batches dealt 8 / 7: 8 agreed steps per epoch, rank 1 replays once with zero loss.
-    assert m["steps"] == 16 and m["padding_steps"] == 2
-    assert [h["padding_steps"] for h in m["history"]] == [1, 1]
-    # Every valid exposure of both ranks is scored, and the gathered metrics are those of one
-    # process scoring all valid batches with the same weights.
-    last = m["history"][-1]["valid"]
-    for scenario, tasks in report["single_process_valid"].items():
-        assert last[scenario]["ctr"]["exposures"] == report["valid_exposures"][scenario]
-        for task, single in tasks.items():
+    # Valid metrics = one process scoring every valid exposure with the same (best = last) weights.
+    model_, _, schema = model_from_checkpoint(run_checkpoint(run, "best"))
+    tasks = {s.name: s.task_names for s in schema.scenarios}
+    single = compute_metrics(predict(model_, BatchLoader(data, "valid", 64, shuffle=False, seed=0).iterate(0),
+                                     torch.device("cpu"), tasks), tasks)
+    gathered = m["best"]["valid"]
+    for scenario, per_task in single.items():
+        for task, s in per_task.items():
+            assert gathered[scenario][task]["exposures"] == s["exposures"]
             for key in ("auc", "gauc", "logloss", "oracle_auc"):
-                if single.get(key) is not None:
-                    assert last[scenario][task][key] == pytest.approx(single[key], rel=1e-6), (scenario, task, key)
-    ckpt = tmp_path / "run" / "checkpoints"
-    latest = ckpt / json.loads((ckpt / "latest.json").read_text())["checkpoint"]
+                if s[key] is not None:
+                    assert math.isclose(gathered[scenario][task][key], s[key], rel_tol=1e-5), (scenario, task, key)
+    latest = run / "checkpoints" / json.loads((run / "checkpoints" / "latest.json").read_text())["checkpoint"]
     assert {p.name for p in latest.glob("rng-rank*.safetensors")} == {"rng-rank0.safetensors", "rng-rank1.safetensors"}

@@ -106,3 +106,9 @@ def test_gap_closed_is_the_share_of_the_baseline_to_oracle_distance():
     assert gap_closed(0.75, 0.70, 0.80) == pytest.approx(0.5)
     assert gap_closed(0.70, 0.70, 0.80) == 0.0
     assert gap_closed(0.7, None, 0.8) is None and gap_closed(0.7, 0.8, 0.8) is None
+
+
+def test_the_early_stopping_score_weights_each_task_gauc_by_its_scored_users():
+    metrics = {"A": {"ctr": {"gauc": 0.8, "users_scored": 300}, "ctcvr": {"gauc": 0.4, "users_scored": 100}},
+               "B": {"ctr": {"gauc": None, "users_scored": 0}}}
+    assert mean_gauc(metrics) == pytest.approx((0.8 * 300 + 0.4 * 100) / 400)

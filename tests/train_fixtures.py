@@ -148,3 +148,30 @@ class TinyRanker(nn.Module):
             if m.any():
                 total = total + F.binary_cross_entropy_with_logits(out.logits[name][m], sb.labels[m])
         return total
+
+
+# --------------------------------------------------------------------------------------------
+# Real pieces: a prepared synthetic world and a tiny MTFM config (for CLI / end-to-end tests)
+# --------------------------------------------------------------------------------------------
+
+TINY_MTFM = {
+    "d_model": 16, "num_heads": 2, "num_kv_groups": 1, "blocks": 1, "target_layers_per_block": 1,
+    "full_layers_per_block": 1, "dropout": 0.1, "embedding_dim": 4, "numeric_dim": 2, "tokenizer_hidden": [16],
+    "mmoe_num_experts": 2, "mmoe_expert_hidden": [16], "mmoe_expert_dim": 8, "mmoe_tower_hidden": [8],
+}
+
+
+def write_tiny_model_yaml(path) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump(TINY_MTFM))
+    return str(path)
+
+
+def prepare_synthetic(out, users: int = 150, seed: int = 0, shards: int = 1) -> str:
+    """A small prepared synthetic world (train / valid / test, oracle known)."""
+    from mtfm.data.aggregate import prepare
+    from mtfm.data.sources.synthetic import load_source
+
+    prepare(load_source(None, None, users, seed), out, shards=shards)
+    return str(out)

@@ -13,6 +13,9 @@ import sys
 # One module per subcommand, in the order `mtfm --help` lists them.
 _COMMAND_MODULES: tuple[str, ...] = (
     "mtfm.cli.prepare",
+    "mtfm.cli.train",
+    "mtfm.cli.evaluate",
+    "mtfm.cli.demo",
 )
 
 

@@ -23,8 +23,9 @@ class TrainConfig(BaseModel):
 
     ``epochs`` bounds the run; ``max_steps`` (optimizer steps, counted over the whole run)
     stops it earlier, possibly mid-epoch (a checkpoint is written there, so the run can be
-    resumed with a larger budget). Early stopping watches the mean valid GAUC over every
-    (scenario, task) with a defined GAUC, evaluated at the end of each epoch.
+    resumed with a larger budget). Early stopping watches the valid GAUC of every
+    (scenario, task), averaged with weights = users scored (see ``evaluate.mean_gauc``),
+    evaluated at the end of each epoch.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -127,3 +127,16 @@ def gather_array(ctx: DistContext, array: np.ndarray) -> np.ndarray:
 def gather_arrays(ctx: DistContext, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``gather_array`` for each named array, in a fixed (sorted) order on every rank."""
     return {k: gather_array(ctx, arrays[k]) for k in sorted(arrays)}
+
+
+def same_on_all_ranks(ctx: DistContext, tensors: list[torch.Tensor]) -> bool:
+    """Whether every rank holds bit-identical ``tensors`` (e.g. the parameters after DDP training)."""
+    if not ctx.initialized:
+        return True
+    device = _comm_device(ctx)
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors]).to(device)
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    ok = torch.tensor([1 if torch.equal(flat, reference) else 0], dtype=torch.long, device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())

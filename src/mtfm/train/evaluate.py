@@ -133,9 +133,18 @@ def compute_metrics(preds: Mapping[str, ScenarioPredictions], task_names: Mappin
 
 
 def mean_gauc(metrics: Metrics) -> float | None:
-    """The early-stopping score: mean GAUC over every (scenario, task) where it is defined."""
-    values = [m["gauc"] for tasks in metrics.values() for m in tasks.values() if m.get("gauc") is not None]
-    return float(np.mean(values)) if values else None
+    """The early-stopping score: the mean of every (scenario, task) GAUC, weighted by the users
+    it averages over (``users_scored``).
+
+    An unweighted mean would let a task with a handful of positives (a few users with both
+    classes, a GAUC that is mostly noise) weigh as much as a task scored on thousands of users.
+    """
+    pairs = [(m["gauc"], m["users_scored"]) for tasks in metrics.values() for m in tasks.values()
+             if m.get("gauc") is not None and m["users_scored"] > 0]
+    if not pairs:
+        return None
+    values, weights = np.array(pairs, dtype=np.float64).T
+    return float(np.sum(values * weights) / np.sum(weights))
 
 
 def gap_closed(model: float | None, baseline: float | None, oracle: float | None) -> float | None:
@@ -175,3 +184,53 @@ def format_table(metrics: Metrics, baseline: Metrics | None = None, baseline_nam
             row.append(f"{m['users_skipped_single_class']} of {m['users_scored'] + m['users_skipped_single_class']}")
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# A finished run on a split of a prepared directory (what `mtfm evaluate` runs)
+# --------------------------------------------------------------------------------------------
+
+
+def run_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
+    """The checkpoint to score: ``best`` (by valid GAUC; the last one if no epoch ended) or ``last``."""
+    from mtfm.train.checkpoint import CheckpointManager
+
+    if which not in ("best", "last"):
+        raise ValueError(f"checkpoint must be 'best' or 'last', got {which!r}")
+    mgr = CheckpointManager(run_dir)
+    chosen = (mgr.best() if which == "best" else None) or mgr.latest()
+    if chosen is None:
+        raise FileNotFoundError(f"{Path(run_dir) / 'checkpoints'}: no checkpoint (train with `mtfm train --out {run_dir}`)")
+    return chosen
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data_dir: str | Path,
+    split: str = "test",
+    *,
+    checkpoint: str = "best",
+    batch_size: int = 256,
+    device: str = "cpu",
+) -> tuple[Metrics, Path]:
+    """Metrics of a trained run on ``split`` of ``data_dir``; also returns the checkpoint used.
+
+    Only the scenarios the model was trained on are read; the data's schema for them must be
+    the one the model was built from (else the ids would mean other things).
+    """
+    from mtfm.data.loader import BatchLoader
+    from mtfm.train.distributed import choose_device
+    from mtfm.train.models import model_from_checkpoint
+
+    ckpt = run_checkpoint(run_dir, checkpoint)
+    model, _, schema = model_from_checkpoint(ckpt)
+    loader = BatchLoader(data_dir, split, batch_size, shuffle=False, seed=0, scenarios=schema.scenario_names)
+    if loader.schema.model_dump() != schema.model_dump():
+        raise ValueError(
+            f"{data_dir}: its schema for {schema.scenario_names} differs from the one {ckpt} was trained on "
+            "(prepare the data with the same schema)"
+        )
+    dev = choose_device(device, 0)
+    names = {s.name: s.task_names for s in schema.scenarios}
+    preds = predict(model.to(dev), loader.iterate(0), dev, names)
+    return compute_metrics(preds, names), ckpt

@@ -36,7 +36,7 @@ from mtfm.config import DataSchema
 from mtfm.data.batch import JaggedBatch
 from mtfm.train.checkpoint import CheckpointError, CheckpointManager, read_json, write_json
 from mtfm.train.config import TrainConfig, resume_mismatches
-from mtfm.train.distributed import DistContext, all_max_int, all_sum_floats
+from mtfm.train.distributed import DistContext, all_max_int, all_sum_floats, same_on_all_ranks
 from mtfm.train.evaluate import Metrics, compute_metrics, gather_predictions, mean_gauc, predict
 
 
@@ -160,6 +160,24 @@ def evaluate_split(
     return compute_metrics(gather_predictions(ctx, preds), names)
 
 
+class _LossForward(nn.Module):
+    """``batch -> loss``: the module DDP wraps.
+
+    DDP (with ``find_unused_parameters``) walks the autograd graph back from what forward
+    returns to learn which parameters will receive a gradient. Returning the model's outputs
+    would include logits the loss does not use (a scenario with no rows in the batch, a task
+    with no observed label): DDP would wait forever for their gradients. The loss is exactly
+    what backward starts from.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: JaggedBatch) -> torch.Tensor:
+        return self.model.loss(batch, self.model(batch))
+
+
 class _Window:
     """Loss and volume of the real (non-padding) steps since the last log row."""
 
@@ -195,12 +213,12 @@ class Trainer:
         self.run_dir, self.ctx = Path(run_dir), ctx
         self.run_config = {**run_config, "train": cfg.model_dump(mode="json")}
         self.step_hook = step_hook
+        self.wrapped: nn.Module = _LossForward(model)
         if ctx.initialized:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            # A batch may miss a scenario, leaving its tokenizer and heads without gradient.
-            self.wrapped: nn.Module = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
-        else:
-            self.wrapped = model
+            # A batch may miss a scenario (or a task's labels), leaving its tokenizer and heads
+            # without gradient; DDP finds those by walking the graph back from the loss.
+            self.wrapped = DistributedDataParallel(self.wrapped, device_ids=ids, find_unused_parameters=True)
         self.optimizers = make_optimizers(model, cfg)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.ckpt = CheckpointManager(
@@ -239,8 +257,7 @@ class Trainer:
     def _step(self, batch: JaggedBatch, weight: float) -> torch.Tensor:
         batch = batch.to(self.ctx.device, non_blocking=True)
         with torch.autocast(device_type=self.ctx.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            out = self.wrapped(batch)
-            loss = self.model.loss(batch, out)
+            loss = self.wrapped(batch)
         (loss * weight).backward()
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
@@ -307,6 +324,7 @@ class Trainer:
                     self._save()
         finally:
             st.epoch_loss_sum = float(epoch_loss.item())
+            source.close()  # stops the loader's prefetch thread now, not at garbage collection
             bar.close()
         return True
 
@@ -402,6 +420,9 @@ class Trainer:
             "arch": self.run_config.get("arch"),
             "scenarios": [s.name for s in self.schema.scenarios],
             "world_size": self.ctx.world_size,
+            # DDP keeps replicas identical; checked, not assumed (padding steps must not break it)
+            "ranks_in_sync": same_on_all_ranks(self.ctx, list(self.model.parameters())),
+            "data": self.run_config.get("data"),
             "steps": st.step,
             "epochs_completed": len(st.history),
             "padding_steps": int(all_sum_floats(self.ctx, [float(st.padding_steps)])[0]),
@@ -439,3 +460,73 @@ def fit(
     """
     trainer = Trainer(model, train_data, valid_data, schema, cfg, run_dir, run_config, ctx or DistContext(), step_hook)
     return trainer.run(resume=resume)
+
+
+# --------------------------------------------------------------------------------------------
+# From a prepared data directory (what `mtfm train` runs)
+# --------------------------------------------------------------------------------------------
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """A per-rank seed for dropout and the like, derived from the run seed."""
+    return int(np.random.SeedSequence([seed, rank, 1]).generate_state(1)[0])
+
+
+def _check_resumable(run_dir: Path, run_config: dict) -> None:
+    latest = CheckpointManager(run_dir).latest()
+    if latest is None:
+        raise CheckpointError(f"{run_dir}: no checkpoint to resume from")
+    saved = read_json(latest / "config.json")
+    for key in ("arch", "model", "scenarios", "schema"):
+        if saved.get(key) != run_config.get(key):
+            raise CheckpointError(f"{latest}/config.json: the run was started with another {key!r}; cannot resume it")
+
+
+def train_from_data(
+    data_dir: str | Path,
+    run_dir: str | Path,
+    *,
+    arch: str,
+    model_config: dict,
+    cfg: TrainConfig,
+    scenarios: list[str] | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train on ``data_dir`` (train split; valid split for early stopping), in one process or
+    under torchrun (each rank reads its own shards). Writes checkpoints and metrics.json."""
+    from mtfm.data.loader import BatchLoader
+    from mtfm.train.distributed import setup, teardown
+    from mtfm.train.models import build_model
+
+    ctx = setup(cfg.device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    common = dict(rank=ctx.rank, world_size=ctx.world_size, prefetch=cfg.prefetch, scenarios=scenarios)
+    train = BatchLoader(data_dir, "train", cfg.batch_size, shuffle=True, seed=cfg.seed, **common)
+    valid = BatchLoader(data_dir, "valid", cfg.eval_batch_size, shuffle=False, seed=0, **common)
+    schema = train.schema
+    model = build_model(arch, model_config, schema)
+    counts = all_sum_floats(ctx, [train.num_samples, train.skipped_samples, valid.num_samples, valid.skipped_samples])
+    run_config = {
+        "arch": arch,
+        "model": model_config,
+        "scenarios": schema.scenario_names,
+        "schema": schema.model_dump(mode="json"),
+        "data": {
+            "dir": str(Path(data_dir).resolve()),
+            "train_samples": int(counts[0]),
+            "valid_samples": int(counts[2]),
+            # samples without an exposure in the trained scenarios (single-scenario runs)
+            "skipped_samples": {"train": int(counts[1]), "valid": int(counts[3])},
+        },
+    }
+    if resume:
+        _check_resumable(Path(run_dir), run_config)
+    if ctx.is_main and (counts[1] or counts[3]):
+        print(f"samples without an exposure in {schema.scenario_names} skipped: "
+              f"train {int(counts[1]):,}, valid {int(counts[3]):,}")
+    seed_everything(_rank_seed(cfg.seed, ctx.rank), cfg.deterministic)
+    result = fit(model, train, valid, schema, cfg, run_dir, run_config=run_config, ctx=ctx, resume=resume)
+    # Only after success: a rank that failed must exit (torchrun then stops its peers), not
+    # wait in a barrier for peers that are waiting for it.
+    teardown(ctx)
+    return result

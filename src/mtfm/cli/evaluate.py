@@ -1,0 +1,42 @@
+"""``mtfm evaluate``: score a trained run on a split; print the table, write RUN/eval_<split>.json."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mtfm.train.checkpoint import write_json
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="AUC / GAUC / logloss per scenario and task of a trained run, beside the oracle",
+        description="Score RUN's best checkpoint (by valid GAUC) on a split of DIR and write "
+        "RUN/eval_<split>.json as {scenario: {task: {auc, gauc, logloss, exposures, positives, users_scored, "
+        "users_skipped_single_class, oracle_auc, oracle_gauc, ...}}} (oracle_* when the data knows the true "
+        "probabilities). GAUC: per-user AUC weighted by the user's exposures; users with one class only are "
+        "skipped and counted.")
+    p.add_argument("--run", metavar="RUN", required=True, help="run directory written by `mtfm train`")
+    p.add_argument("--data", metavar="DIR", required=True, help="prepared data directory")
+    p.add_argument("--split", default="test", help="split to score (default test)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="default best")
+    p.add_argument("--baseline", metavar="RUN", default=None,
+                   help="another run (e.g. --arch logistic) to show beside, with the share of its gap to the oracle closed")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mtfm.train.evaluate import evaluate_run, format_table
+
+    metrics, ckpt = evaluate_run(args.run, args.data, args.split, checkpoint=args.checkpoint, batch_size=args.batch_size)
+    out = Path(args.run) / f"eval_{args.split}.json"
+    write_json(out, metrics)
+    baseline = None
+    if args.baseline is not None:
+        baseline, _ = evaluate_run(args.baseline, args.data, args.split, batch_size=args.batch_size)
+        write_json(Path(args.baseline) / f"eval_{args.split}.json", baseline)
+    print(f"{args.split} split of {args.data}, checkpoint {ckpt}:\n")
+    print(format_table(metrics, baseline))
+    print(f"\nwrote {out}")
+    return 0

@@ -1,0 +1,93 @@
+"""``mtfm train``: train MTFM (or a baseline) on a prepared directory; thin, see mtfm.train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from mtfm.train.config import TrainConfig, load_train_config
+from mtfm.train.models import ARCHS
+
+DESCRIPTION = """\
+Train one model on DIR's train split (prepared by `mtfm prepare`), early-stopping on the mean
+GAUC of the valid split, and write RUN/checkpoints/ (safetensors + JSON, atomic), RUN/train_log.csv
+and RUN/metrics.json. Runs unchanged under `torchrun --nproc_per_node N -m mtfm train ...`
+(DDP; gloo on CPU, nccl on GPU; DIR needs >= N shards per split: `mtfm prepare --shards N`).
+An interrupted run continues exactly where its last checkpoint left it with --resume."""
+
+
+def _scenarios(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train MTFM (or a baseline) on prepared data",
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", metavar="DIR", required=True, help="prepared data directory (has manifest.json)")
+    p.add_argument("--out", metavar="RUN", required=True, help="run directory for checkpoints, logs, metrics.json")
+    p.add_argument("--arch", choices=ARCHS, default="mtfm", help="model to train (default mtfm; logistic = LR baseline)")
+    p.add_argument("--model", metavar="YAML", default=None,
+                   help="MTFM model config: a YAML file or a preset name (small, paper); default small")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", metavar="E", type=int, default=None, help="epochs (default: the config's, 1)")
+    budget.add_argument("--max-steps", metavar="N", type=int, default=None,
+                        help="stop after N optimizer steps (mid-epoch allowed; epochs unbounded)")
+    p.add_argument("--scenarios", metavar="S1,S2", default=None,
+                   help="train on these scenarios only (e.g. SQS for a single-scenario model); default all")
+    p.add_argument("--seed", metavar="S", type=int, default=None, help="seed of init, shuffling and dropout (default 0)")
+    p.add_argument("--config", metavar="YAML", default=None,
+                   help="training config (fields of mtfm.train.config.TrainConfig); the options below override it")
+    p.add_argument("--batch-size", type=int, default=None, help="samples (users) per batch per rank (default 64)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the dense optimizer (default 3e-4)")
+    p.add_argument("--patience", type=int, default=None, help="epochs without valid-GAUC gain before stopping (default 2)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default auto")
+    p.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    base = load_train_config(args.config).model_dump() if args.config else {}
+    overrides = {
+        "epochs": args.epochs, "max_steps": args.max_steps, "seed": args.seed, "batch_size": args.batch_size,
+        "lr": args.lr, "patience": args.patience, "checkpoint_every": args.checkpoint_every, "device": args.device,
+    }
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    if args.max_steps is not None and args.epochs is None:
+        base["epochs"] = 1_000_000  # the step budget decides
+    if args.bf16:
+        base["bf16"] = True
+    if args.quiet:
+        base["progress"] = False
+    return TrainConfig.model_validate(base)
+
+
+def model_config_from_args(arch: str, model: str | None) -> dict:
+    if arch == "mtfm":
+        from mtfm.model.config import load_model_config
+
+        return load_model_config(model or "small").model_dump(mode="json")
+    if model is not None:
+        raise ValueError(f"--model configures MTFM; --arch {arch} takes none")
+    return {}
+
+
+def run(args: argparse.Namespace) -> int:
+    from mtfm.train.trainer import train_from_data
+
+    cfg = train_config_from_args(args)
+    result = train_from_data(args.data, args.out, arch=args.arch, model_config=model_config_from_args(args.arch, args.model),
+                             cfg=cfg, scenarios=_scenarios(args.scenarios), resume=args.resume)
+    m = result.metrics
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
+    best = m["best"]
+    summary = {"status": m["status"], "steps": m["steps"], "epochs_completed": m["epochs_completed"],
+               "best_epoch": best and best["epoch"], "best_valid_mean_gauc": best and best["valid_mean_gauc"],
+               "exposures_per_s": m["throughput"]["exposures_per_s"], "tokens_per_s": m["throughput"]["tokens_per_s"]}
+    print(json.dumps(summary))
+    print(f"wrote {args.out}/metrics.json")
+    return 0

@@ -1,0 +1,103 @@
+"""`mtfm train` / `mtfm evaluate` on a prepared synthetic world with a tiny MTFM: outputs,
+single-scenario runs, the LR baseline, and a run killed with SIGKILL mid-epoch then resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from train_fixtures import prepare_synthetic, write_tiny_model_yaml
+
+from mtfm.cli import main
+from mtfm.data.store import read_manifest
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    return prepare_synthetic(root / "data", users=150), write_tiny_model_yaml(root / "tiny.yaml")
+
+
+def _train(data, out, model, *extra):
+    return main(["train", "--data", data, "--out", str(out), "--model", model, "--quiet", "--batch-size", "16", *extra])
+
+
+def test_train_then_evaluate_writes_checkpoints_metrics_and_the_eval_table(world, tmp_path, capsys):
+    data, model = world
+    assert _train(data, tmp_path / "run", model, "--epochs", "1", "--lr", "1e-3") == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "epochs" and metrics["epochs_completed"] == 1
+    assert metrics["scenarios"] == ["HP", "PHF", "SQS"]
+    assert metrics["data"]["train_samples"] == read_manifest(data).splits["train"].samples
+    assert (tmp_path / "run" / "checkpoints" / "best.json").is_file()
+
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(tmp_path / "run"), "--data", data]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "run" / "eval_test.json").read_text())
+    manifest = read_manifest(data)
+    assert set(result) == {"HP", "PHF", "SQS"} and set(result["SQS"]) == {"ctr", "ctcvr", "imd", "write"}
+    for scenario, tasks in result.items():
+        for task, m in tasks.items():
+            assert {"auc", "gauc", "logloss", "oracle_auc", "oracle_gauc"} <= set(m)
+            assert m["exposures"] == manifest.splits["test"].scenario_exposures[scenario]
+            assert m["oracle_auc"] == pytest.approx(manifest.oracle["test"][scenario][task]["auc"])
+    assert "| SQS | ctr |" in printed and "oracle GAUC" in printed
+
+
+def test_a_single_scenario_run_trains_and_scores_only_that_scenario(world, tmp_path):
+    data, model = world
+    assert _train(data, tmp_path / "sqs", model, "--max-steps", "2", "--scenarios", "SQS") == 0
+    metrics = json.loads((tmp_path / "sqs" / "metrics.json").read_text())
+    assert metrics["scenarios"] == ["SQS"] and metrics["status"] == "max_steps"
+    assert metrics["data"]["skipped_samples"]["train"] > 0  # samples without SQS exposures, counted
+    assert main(["evaluate", "--run", str(tmp_path / "sqs"), "--data", data]) == 0
+    assert set(json.loads((tmp_path / "sqs" / "eval_test.json").read_text())) == {"SQS"}
+
+
+def test_the_logistic_baseline_trains_through_the_same_cli(world, tmp_path, capsys):
+    data, _ = world
+    assert main(["train", "--data", data, "--out", str(tmp_path / "lr"), "--arch", "logistic", "--epochs", "2",
+                 "--lr", "1e-2", "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "lr" / "metrics.json").read_text())
+    assert metrics["arch"] == "logistic" and metrics["best"]["valid_mean_gauc"] > 0.5
+    assert main(["train", "--data", data, "--out", str(tmp_path / "bad"), "--arch", "logistic", "--model", "small"]) == 2
+    assert "--model configures MTFM" in capsys.readouterr().err
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(world, tmp_path):
+    data, model = world
+    args = ["--epochs", "1", "--checkpoint-every", "3", "--lr", "1e-3", "--patience", "5"]
+    assert _train(data, tmp_path / "full", model, *args) == 0
+
+    cut = tmp_path / "cut"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mtfm", "train", "--data", data, "--out", str(cut), "--model", model,
+                             "--quiet", "--batch-size", "16", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest, deadline = cut / "checkpoints" / "latest.json", time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if latest.is_file() and json.loads(latest.read_text())["checkpoint"] >= "step-00000006":
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "metrics.json").exists()
+    killed_at = json.loads(latest.read_text())["checkpoint"]
+    full_steps = json.loads((tmp_path / "full" / "metrics.json").read_text())["steps"]
+    assert int(killed_at.split("-")[1]) < full_steps  # the kill came mid-epoch
+
+    assert _train(data, cut, model, *args, "--resume") == 0
+    full, resumed = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "full", cut))
+    assert resumed["history"] == full["history"] and resumed["steps"] == full["steps"]
+    ckpt = lambda d: d / "checkpoints" / json.loads((d / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    a, b = load_file(str(ckpt(tmp_path / "full") / "model.safetensors")), load_file(str(ckpt(cut) / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
