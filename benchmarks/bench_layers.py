@@ -9,9 +9,11 @@ nothing fused or shared with neighbours); the full layer is the unpruned eq. 7-1
 Every (backend, N, layer) runs in its own fresh Python process, one after the other, so that
 the peak-memory figure belongs to that configuration alone:
 
-* time: median over ``--repeats`` timed forward+backward passes, after one warm-up pass;
-  the per-batch attention plan (mask, buckets; built once per forward and shared by all layers
-  of a model) is built before timing and reported separately (``plan ms``);
+* time: the fastest of the timed forward+backward passes (at least ``--repeats`` and at least
+  one second of them, after one warm-up pass); the minimum, because the machine is shared and
+  other processes only ever add time (the median is returned by the workers as well);
+  the per-batch attention plan (buckets and their gather indices; built once per forward and
+  shared by all layers of a model) is built before timing and reported separately (``plan ms``);
 * peak memory: the process's peak RSS (``ru_maxrss``, kernel-tracked high-water mark) during
   warm-up + timed passes minus its RSS just before them (inputs, weights and plan already
   allocated), i.e. the extra memory one forward+backward needs;
@@ -21,6 +23,12 @@ the peak-memory figure belongs to that configuration alone:
 Usage (prints a Markdown table; the machine is shared, so the load average is printed too)::
 
     python benchmarks/bench_layers.py --sizes 256 1024 4096 --users 2 --backends jagged reference
+
+With ``--stacks`` it times whole models instead (tokenizers, stack, heads, loss; the paper's
+Table 3 comparison of HTA stacks), on a random batch of the test schema with the same token mix::
+
+    python benchmarks/bench_layers.py --stacks '(0:16)x1' '(1:1)x8' '(3:1)x4' '(5:1)x3' '(16:0)x1' \\
+        --sizes 1024 --users 4 --d-model 64 --backends jagged
 """
 
 from __future__ import annotations
@@ -40,6 +48,18 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * _PAGE
+
+
+def _timed(step, repeats: int, min_seconds: float = 1.0, max_repeats: int = 50) -> list[float]:
+    """Seconds per call of ``step`` after one warm-up call: at least ``repeats`` calls and
+    ``min_seconds`` in total (small configurations get more samples on a noisy machine)."""
+    step()
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < min_seconds and len(times) < max_repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def _layout(users: int, n: int):
@@ -105,21 +125,50 @@ def worker(kind: str, n: int, users: int, backend: str, d_model: int, heads: int
         forward()
     probe = torch.randn(layout.num_tokens, d_model)
     base = _rss_bytes()
-    times = []
-    for i in range(repeats + 1):
+
+    def step() -> None:
         layer.zero_grad(set_to_none=True)
         x.grad = None
-        t0 = time.perf_counter()
         (forward() * probe).sum().backward()
-        if i:  # the first pass is the warm-up
-            times.append(time.perf_counter() - t0)
+
+    times = _timed(step, repeats)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
-        "ms": statistics.median(times) * 1e3,
+        "ms": min(times) * 1e3,
+        "median_ms": statistics.median(times) * 1e3,
         "peak_mb": max(peak - base, 0) / 2**20,
         "gflop": counter.get_total_flops() / 1e9,
         "plan_ms": plan_ms,
     }
+
+
+def stack_worker(hta: str, n: int, users: int, backend: str, d_model: int, heads: int, groups: int, repeats: int) -> dict:
+    """Forward+backward of a whole MTFM model with stack ``hta`` on ``users`` users of ``n`` tokens."""
+    import torch
+
+    from mtfm.model import MTFM, count_flops
+    from mtfm.model.config import ModelConfig
+    from mtfm.model.testing import random_batch, tiny_schema
+
+    torch.manual_seed(0)
+    schema = tiny_schema()
+    lt = n // 8
+    lengths = {"orders": [3 * n // 8] * users, "clicks": [n - 3 * n // 8 - 2 * lt] * users, "recent": [lt] * users,
+               "feed": [lt - 2 * (lt // 3)] * users, "food": [lt // 3] * users, "coupon": [lt // 3] * users}
+    batch = random_batch(schema, users, seed=0, lengths=lengths)
+    cfg = ModelConfig(d_model=d_model, num_heads=heads, num_kv_groups=groups, attention_backend=backend,
+                      attention_norm_len=n).with_hta(hta)
+    model = MTFM(schema, cfg)
+    base = _rss_bytes()
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        model.loss(batch, model(batch)).backward()
+
+    times = _timed(step, repeats)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"ms": min(times) * 1e3, "median_ms": statistics.median(times) * 1e3, "peak_mb": max(peak - base, 0) / 2**20,
+            "gflop": count_flops(model, batch)["total"] / 1e9, "tokens": batch.num_tokens}
 
 
 def main() -> None:
@@ -131,34 +180,59 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--groups", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--stacks", nargs="*", metavar="HTA",
+                    help="instead of single layers, time whole models with these stacks, e.g. '(3:1)x4' '(0:16)x1'")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--backend", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
         kind, n = args.worker[0], int(args.worker[1])
-        result = worker(kind, n, args.users, args.backend, args.d_model, args.heads, args.groups, args.repeats)
+        measure = stack_worker if kind.startswith("(") else worker
+        result = measure(kind, n, args.users, args.backend, args.d_model, args.heads, args.groups, args.repeats)
         print(json.dumps(result))
+        return
+    if args.stacks:
+        stacks(args)
         return
 
     print(f"load average before: {os.getloadavg()}; torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}")
     print(f"users={args.users} d_model={args.d_model} H={args.heads} G={args.groups} repeats={args.repeats}\n")
-    print("| backend | N | L_T | target ms | full ms | time ratio T/F | target peak MB | full peak MB | "
+    print("| backend | N | L_T | target ms | full ms | time ratio T/F | (median ratio) | target peak MB | full peak MB | "
           "memory ratio T/F | target GFLOP | full GFLOP | plan ms (T / F) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for backend in args.backends:
         for n in args.sizes:
-            res = {}
-            for kind in ("target", "full"):
-                cmd = [sys.executable, __file__, "--worker", kind, str(n), "--backend", backend, "--users", str(args.users),
-                       "--d-model", str(args.d_model), "--heads", str(args.heads), "--groups", str(args.groups),
-                       "--repeats", str(args.repeats)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-                res[kind] = json.loads(out.stdout.strip().splitlines()[-1])
-            t, f = res["target"], res["full"]
+            t, f = _run_worker(args, "target", n, backend), _run_worker(args, "full", n, backend)
             print(f"| {backend} | {n} | {n // 8} | {t['ms']:.1f} | {f['ms']:.1f} | {t['ms'] / f['ms']:.3f} | "
+                  f"{t['median_ms'] / f['median_ms']:.3f} | "
                   f"{t['peak_mb']:.1f} | {f['peak_mb']:.1f} | {t['peak_mb'] / max(f['peak_mb'], 1e-9):.3f} | "
                   f"{t['gflop']:.3f} | {f['gflop']:.3f} | {t['plan_ms']:.1f} / {f['plan_ms']:.1f} |", flush=True)
+    print(f"\nload average after: {os.getloadavg()}")
+
+
+def _run_worker(args: argparse.Namespace, kind: str, n: int, backend: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, str(n), "--backend", backend, "--users", str(args.users),
+           "--d-model", str(args.d_model), "--heads", str(args.heads), "--groups", str(args.groups),
+           "--repeats", str(args.repeats)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def stacks(args: argparse.Namespace) -> None:
+    """Whole-model forward+backward per HTA stack (the paper's Table 3 comparison, on CPU)."""
+    print(f"load average before: {os.getloadavg()}; torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    print(f"users={args.users} d_model={args.d_model} H={args.heads} G={args.groups} repeats={args.repeats}\n")
+    print("| backend | N | stack | ms (min) | ms (median) | speed vs first stack | peak MB | model GFLOP (forward) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for backend in args.backends:
+        for n in args.sizes:
+            first = None
+            for hta in args.stacks:
+                r = _run_worker(args, hta, n, backend)
+                first = first or r["ms"]
+                print(f"| {backend} | {n} | {hta} | {r['ms']:.0f} | {r['median_ms']:.0f} | {first / r['ms']:.2f}x | {r['peak_mb']:.0f} | "
+                      f"{r['gflop']:.2f} |", flush=True)
     print(f"\nload average after: {os.getloadavg()}")
 
 

@@ -166,7 +166,8 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor, queries: QuerySet, layout: Att
     """Shape contract shared by the backends: a wrong call fails with the shapes it got."""
     n = layout.num_tokens
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(f"attention: q, k, v must be [rows, heads, dim], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        raise ValueError(f"attention: q, k, v must be [rows, heads, dim], got {shapes}")
     if q.shape[0] != queries.num_queries or k.shape[0] != n or v.shape[0] != n:
         raise ValueError(
             f"attention: {queries.num_queries} queries and {n} tokens expected, got q {tuple(q.shape)}, "
@@ -174,7 +175,9 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor, queries: QuerySet, layout: Att
         )
     heads, groups = q.shape[1], k.shape[1]
     if groups != params.num_kv_groups or v.shape[1] != groups or heads % groups != 0:
-        raise ValueError(f"attention: {heads} query heads and {groups} key/value groups (expected G = {params.num_kv_groups} dividing H)")
+        raise ValueError(
+            f"attention: {heads} query heads and {groups} key/value groups (expected G = {params.num_kv_groups} dividing H)"
+        )
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"attention: query width {q.shape[2]} != key width {k.shape[2]}")
     if params.bias is not None and params.bias.shape[0] != heads:

@@ -172,7 +172,8 @@ def model_config_from_dict(raw: object, source: str = "<model config>") -> Model
 def preset_names() -> list[str]:
     """Names of the model presets shipped in ``mtfm/configs`` (``model_<name>.yaml``)."""
     root = resources.files("mtfm") / "configs"
-    return sorted(p.name[len("model_") : -len(".yaml")] for p in root.iterdir() if p.name.startswith("model_") and p.name.endswith(".yaml"))
+    files = [p.name for p in root.iterdir() if p.name.startswith("model_") and p.name.endswith(".yaml")]
+    return sorted(name[len("model_") : -len(".yaml")] for name in files)
 
 
 def _resolve(path_or_preset: str | Path) -> Path:

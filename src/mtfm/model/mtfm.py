@@ -223,7 +223,8 @@ def _check_layout(batch: JaggedBatch, batch_groups: list[str]) -> None:
     kind = torch.tensor(kinds, dtype=torch.long, device=device)[layout.group_ids]
     if bool((kind != layout.token_type).any()):
         i = int(torch.nonzero(kind != layout.token_type)[0])
-        raise ValueError(f"token layout: token {i} of group {batch_groups[int(layout.group_ids[i])]} has token type {int(layout.token_type[i])}")
+        group = batch_groups[int(layout.group_ids[i])]
+        raise ValueError(f"token layout: token {i} of group {group} has token type {int(layout.token_type[i])}")
     size = torch.tensor(rows, dtype=torch.long, device=device)[layout.group_ids]
     if bool(((layout.source_row < 0) | (layout.source_row >= size)).any()):
         i = int(torch.nonzero((layout.source_row < 0) | (layout.source_row >= size))[0])
