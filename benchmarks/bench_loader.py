@@ -33,7 +33,8 @@ def measure(data: Path, split: str, batch_size: int, shuffle: bool, prefetch: in
             break
     dt = time.perf_counter() - t0
     return {"shuffle": shuffle, "prefetch": prefetch, "batches": batches, "seconds": dt,
-            "batches/s": batches / dt, "samples/s": samples / dt, "exposures/s": exposures / dt, "tokens/s": tokens / dt}
+            "batches/s": batches / dt, "samples/s": samples / dt, "exposures/s": exposures / dt,
+            "tokens/s": tokens / dt}
 
 
 def main() -> None:

@@ -5,7 +5,9 @@ Generation is timed separately from preparation (the target concerns prepare onl
 1. generate the world in memory (``mtfm.data.sources.synthetic.load_source``);
 2. run :func:`mtfm.data.aggregate.prepare` on it, sampling the process RSS every 20 ms from a
    thread (/proc/self/statm), so the peak *during prepare* is known even when generation
-   peaked higher. The raw tables stay in memory throughout and are part of that peak.
+   peaked higher. The raw tables stay in memory throughout and are part of that peak. The
+   CPU time of prepare is printed too: on a shared machine it shows how many of the cores
+   the run actually got.
 
 Usage::
 
@@ -58,6 +60,12 @@ class PeakRss:
         self.peak = max(self.peak, rss_bytes())
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, default=110_000, help="synthetic users (110k ~ 10M exposures)")
@@ -75,14 +83,17 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     before = rss_bytes()
     with PeakRss() as peak:
-        t1 = time.perf_counter()
+        c1, t1 = cpu_seconds(), time.perf_counter()
         manifest = prepare(raw, out, shards=args.shards)
-        prep_s = time.perf_counter() - t1
+        prep_s, prep_cpu = time.perf_counter() - t1, cpu_seconds() - c1
     size = sum(p.stat().st_size for p in out.rglob("*.parquet"))
     load = os.getloadavg()
     print(f"tables: {rows}")
     print(f"generation: {gen_s:.1f} s, peak RSS so far {gen_peak / 2**30:.2f} GiB")
-    print(f"prepare phases (s): {manifest.timings_s}")
+    print(f"prepare phases, wall s: {manifest.timings_s}")
+    print(f"prepare phases, CPU s:  {manifest.cpu_s}")
+    print(f"prepare CPU time (user + system, all threads): {prep_cpu:.1f} s for {prep_s:.1f} s wall "
+          f"({prep_cpu / prep_s:.2f} cores busy on average)")
     print(f"RSS before prepare {before / 2**30:.2f} GiB (raw tables in memory)")
     print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print()

@@ -56,7 +56,8 @@ def _aggregate_all(raw: RawTables) -> pa.Table:
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10_000), users=st.integers(1, 15), windows=st.integers(1, 8))
 def test_aggregation_equals_the_plain_python_reference(seed: int, users: int, windows: int) -> None:
-    raw = tiny_world(seed, WorldSize(users=users, windows=windows, exposures_a=40, exposures_b=25, orders=30, clicks=40))
+    size = WorldSize(users=users, windows=windows, exposures_a=40, exposures_b=25, orders=30, clicks=40)
+    raw = tiny_world(seed, size)
     raw.tables = {t: df.unique(subset=["user_id", "ts", "rid"], keep="first", maintain_order=True)
                   for t, df in raw.tables.items()}
     got = _rows_per_sample(_aggregate_all(raw), raw)
@@ -69,8 +70,8 @@ def test_every_exposure_exactly_once_and_sequences_respect_the_window() -> None:
     for spec in raw.schema.scenarios:
         seen = sorted(rid for s in samples.values() for rid, _ in s["T"][spec.name])
         assert seen == list(map(float, range(len(raw.tables[spec.table]))))
-    for (user, start), s in samples.items():
-        for name, rows in s["T"].items():
+    for (_, start), s in samples.items():
+        for rows in s["T"].values():
             stamps = [t for _, t in rows]
             assert stamps == sorted(stamps) and all(start <= t < start + WINDOW for t in stamps)
         for rows in s["H"].values():
@@ -146,7 +147,8 @@ def test_hashed_ids_are_stable_across_processes() -> None:
     from mtfm.data.encode import encode_ids
 
     f = CategoricalFeature(name="x", hash_buckets=1000)
-    here = f"{encode_ids(pl.Series([1, 2, 3, 123456789]), f)[0].to_list()} {encode_ids(pl.Series(['a', 'bb']), f)[0].to_list()}"
+    ints, text = encode_ids(pl.Series([1, 2, 3, 123456789]), f)[0], encode_ids(pl.Series(["a", "bb"]), f)[0]
+    here = f"{ints.to_list()} {text.to_list()}"
     assert runs[0].strip() == here
     # Integer width does not change the id (hashed as Int64).
     assert encode_ids(pl.Series([7], dtype=pl.Int32), f)[0].to_list() == encode_ids(pl.Series([7]), f)[0].to_list()
@@ -165,11 +167,11 @@ def test_prepare_is_deterministic(tmp_path) -> None:
     raw = tiny_world(4)
     m1 = prepare(raw, tmp_path / "a", shards=2)
     m2 = prepare(tiny_world(4), tmp_path / "b", shards=2)
-    d1, d2 = m1.model_dump(exclude={"timings_s"}), m2.model_dump(exclude={"timings_s"})
+    d1, d2 = m1.model_dump(exclude={"timings_s", "cpu_s"}), m2.model_dump(exclude={"timings_s", "cpu_s"})
     assert d1 == d2
     import pyarrow.parquet as pq
 
-    for split, info in m1.splits.items():
+    for info in m1.splits.values():
         for shard in info.shards:
             assert pq.read_table(tmp_path / "a" / shard.path).equals(pq.read_table(tmp_path / "b" / shard.path))
 
@@ -199,7 +201,8 @@ def test_request_for_real_exposures_reproduces_the_training_sample(tmp_path) -> 
         a, b = getattr(want, group), getattr(got, group)
         assert {k: v.tolist() for k, v in a.categorical.items()} == {k: v.tolist() for k, v in b.categorical.items()}
         assert {k: v.tolist() for k, v in a.numeric.items()} == {k: v.tolist() for k, v in b.numeric.items()}
-        assert {k: [x.tolist() for x in v] for k, v in a.multi.items()} == {k: [x.tolist() for x in v] for k, v in b.multi.items()}
+        assert {k: [x.tolist() for x in v] for k, v in a.multi.items()} == {
+            k: [x.tolist() for x in v] for k, v in b.multi.items()}
     assert not got.label_mask.any()  # no labels were given
     assert request.layout.token_type.tolist() == batch.layout.token_type.tolist()
     assert manifest.samples >= 1

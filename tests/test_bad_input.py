@@ -28,7 +28,8 @@ def _write_dir(raw: RawTables, path, csv: tuple[str, ...] = ()) -> None:
     path.mkdir(parents=True, exist_ok=True)
     for name, df in raw.tables.items():
         if name in csv:
-            df.with_columns(pl.col(pl.List(pl.Int64)).cast(pl.List(pl.String)).list.join("|")).write_csv(path / f"{name}.csv")
+            as_text = pl.col(pl.List(pl.Int64)).cast(pl.List(pl.String)).list.join("|")
+            df.with_columns(as_text).write_csv(path / f"{name}.csv")
         else:
             df.write_parquet(path / f"{name}.parquet")
     dump_schema(raw.schema, path / "schema.yaml")

@@ -167,7 +167,7 @@ def test_manifest_round_trip_accounting_and_summary(prepared) -> None:
     assert again.input_exposures == again.output_exposures + sum(again.dropped.values())
     assert again.schema_obj == raw.schema
     assert sum(s.samples for s in again.splits.values()) == again.samples
-    for split, info in again.splits.items():
+    for info in again.splits.values():
         assert sum(s.samples for s in info.shards) == info.samples
         assert sum(s.exposures for s in info.shards) == info.exposures
         assert len(info.shards) == 3

@@ -101,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"mtfm prepare: error: {err}", file=sys.stderr)
         return 2
     print(format_summary(manifest))
-    total = manifest.timings_s.get("total", 0.0)
+    total, cpu = manifest.timings_s.get("total", 0.0), manifest.cpu_s.get("total", 0.0)
     rate = manifest.input_exposures / total if total > 0 else float("nan")
-    print(f"\nsource load {load_s:.2f} s; prepare {total:.2f} s ({rate:,.0f} input exposures/s); "
-          f"wrote {args.out}/manifest.json")
+    print(f"\nsource load {load_s:.2f} s; prepare {total:.2f} s ({rate:,.0f} input exposures/s, "
+          f"{cpu:.2f} CPU-s); wrote {args.out}/manifest.json")
     return 0

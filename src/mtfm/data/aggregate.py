@@ -93,6 +93,31 @@ _KEY_LIMIT = 1 << 62  # int64 keys stay below this (headroom for +1 / +2 offsets
 _MAX_LAG_RUN = 32  # longest (user, ts) run checked for duplicates by pairwise lags; longer: hashing
 
 
+class PhaseTimer:
+    """Wall and CPU seconds per phase. CPU time is the whole process's (all threads, from
+    ``time.process_time``), so on a shared machine it shows how much of the cores a run got."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._start = (time.perf_counter(), time.process_time())
+        self._last = self._start
+
+    def tick(self, name: str) -> None:
+        """Close the phase that ran since the previous tick and charge it to ``name``."""
+        now = (time.perf_counter(), time.process_time())
+        self.wall[name] = self.wall.get(name, 0.0) + now[0] - self._last[0]
+        self.cpu[name] = self.cpu.get(name, 0.0) + now[1] - self._last[1]
+        self._last = now
+
+    def totals(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(wall, cpu) per phase plus ``total`` since construction, rounded for the manifest."""
+        now = (time.perf_counter(), time.process_time())
+        wall = {**self.wall, "total": now[0] - self._start[0]}
+        cpu = {**self.cpu, "total": now[1] - self._start[1]}
+        return {k: round(v, 4) for k, v in wall.items()}, {k: round(v, 4) for k, v in cpu.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # Dense user index: lets (user, time) become one order-preserving int64 key
 # --------------------------------------------------------------------------------------------
@@ -151,7 +176,8 @@ def _stable_order(user_index: np.ndarray, ts: np.ndarray, n_users: int) -> np.nd
             return None
         frame = pl.DataFrame({"k": key})
     else:
-        if bool(np.all((user_index[1:] > user_index[:-1]) | ((user_index[1:] == user_index[:-1]) & (ts[1:] >= ts[:-1])))):
+        later_user = user_index[1:] > user_index[:-1]
+        if bool(np.all(later_user | ((user_index[1:] == user_index[:-1]) & (ts[1:] >= ts[:-1])))):
             return None
         frame = pl.DataFrame({"u": user_index, "t": ts})
     order = frame.select(pl.arg_sort_by(frame.columns, maintain_order=True)).to_series()
@@ -602,22 +628,15 @@ def _order_exposures(scen: list[_ScenarioRows], users: _Users, schema: DataSchem
 
 def aggregate(tables: Mapping[str, pl.DataFrame], origins: Mapping[str, str], schema: DataSchema, *,
               boundaries: SplitBoundaries | None = None, given_stats: Mapping[str, FeatureStats] | None = None,
-              apply_drops: bool = True, timings: dict[str, float] | None = None) -> Aggregation:
+              apply_drops: bool = True, timer: PhaseTimer | None = None) -> Aggregation:
     """Aggregate validated tables into samples (the one code path of training and inference).
 
     ``boundaries=None``: computed from the schema's split. ``given_stats``: encode with these
     statistics (inference) instead of fitting them on the train split. ``apply_drops=False``:
     no drop policy (requests), every row is kept.
     """
-    timings = timings if timings is not None else {}
-    clock = time.perf_counter()
-
-    def tick(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = timings.get(name, 0.0) + now - clock
-        clock = now
-
+    timer = timer or PhaseTimer()
+    tick = timer.tick
     scen, dropped = _collect_exposures(tables, origins, schema, apply_drops)
     input_exposures = sum(len(tables[s.table]) for s in schema.scenarios)
     if not any(r.ts.size for r in scen):
@@ -793,21 +812,18 @@ def prepare(raw: RawTables, out_dir: str | Path, *, scenarios: list[str] | None 
     unknown = [s for s in oracle_splits if s not in SPLITS]
     if unknown:
         raise ValueError(f"unknown oracle split(s) {unknown}; the splits are {list(SPLITS)}")
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    timer = PhaseTimer()
     schema = raw.schema if scenarios is None else raw.schema.restrict(scenarios)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     validate_raw(raw, schema)
-    timings["validate"] = time.perf_counter() - t0
-    agg = aggregate(raw.tables, raw.origins, schema, timings=timings)
-    t1 = time.perf_counter()
+    timer.tick("validate")
+    agg = aggregate(raw.tables, raw.origins, schema, timer=timer)
     _clear_out_dir(out_dir)
     splits = _write_shards(agg, out_dir, shards, max_shard_rows, progress)
-    timings["write"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
+    timer.tick("write")
     oracle = _oracle_table(agg, oracle_splits)
-    timings["oracle"] = time.perf_counter() - t2
+    timer.tick("oracle")
     dropped = {k: v for k, v in agg.dropped.items() if v}
     for reason, n in raw.pre_dropped.items():
         dropped[reason] = dropped.get(reason, 0) + int(n)
@@ -831,8 +847,7 @@ def prepare(raw: RawTables, out_dir: str | Path, *, scenarios: list[str] | None 
         versions={"polars": pl.__version__, "pyarrow": pa.__version__, "numpy": np.__version__},
     )
     manifest.check_accounting()
-    timings["total"] = time.perf_counter() - t0
-    manifest.timings_s = {k: round(v, 4) for k, v in timings.items()}
+    manifest.timings_s, manifest.cpu_s = timer.totals()
     write_manifest(manifest, out_dir)
     return manifest
 

@@ -14,7 +14,8 @@ the model without conversion:
 * ``user_id`` int64, ``window_start`` int64 (time unit of the schema);
 * per scenario ``s``: ``T.s.ts`` (exposure timestamps), ``T.s.user.<f>``, ``T.s.cross.<f>``,
   ``T.s.item.<f>`` (encoded features: int32 ids -- int64 when a cardinality exceeds 2**31 --,
-  float32 values, or a list of ids for multi-categorical), ``T.s.label.<task>`` int8 (1, 0, or -1 = not observed) and, for tasks
+  float32 values, or a list of ids for multi-categorical), ``T.s.label.<task>`` int8 (1, 0, or
+  -1 = not observed) and, for tasks
   with an oracle column, ``T.s.oracle.<task>`` float32 (NaN = unknown). All columns of one
   scenario share one list length per sample: its exposure count in the window, possibly 0;
 * per history type ``h``: ``H.h.ts`` and ``H.h.<f>``; per real-time type ``r``: ``R.r.ts``
@@ -173,7 +174,8 @@ class Manifest(_Model):
     oracle: dict[str, dict[str, dict[str, dict[str, float | int | None]]]]
     source: dict[str, Any]
     versions: dict[str, str]
-    timings_s: dict[str, float] = Field(default_factory=dict)
+    timings_s: dict[str, float] = Field(default_factory=dict)  # wall seconds per prepare phase
+    cpu_s: dict[str, float] = Field(default_factory=dict)  # CPU seconds (all threads) per phase
 
     @property
     def schema_obj(self) -> DataSchema:
