@@ -177,6 +177,12 @@ def test_manifest_round_trip_accounting_and_summary(prepared) -> None:
     text = format_summary(again)
     assert "drop reasons" in text and "oracle ceiling" in text and "valid_start" in text
     assert again.oracle["train"]["A"]["ctr"]["exposures"] == again.splits["train"].scenario_exposures["A"]
+    # Per-split label rates recombine into the scenario's rate.
+    for name, info in again.scenarios.items():
+        for task, rate in info.label_rates.items():
+            per_split = [(s.label_rates[name][task], s.scenario_exposures[name]) for s in again.splits.values()]
+            if name == "B" or task == "ctr":  # every label observed: rates weight by exposures
+                assert rate == pytest.approx(sum(r * n for r, n in per_split if r is not None) / info.exposures)
 
 
 def test_missing_manifest_names_the_directory(tmp_path) -> None:

@@ -727,6 +727,22 @@ def _scenario_info(agg: Aggregation) -> dict[str, ScenarioInfo]:
     return out
 
 
+def _split_label_rates(agg: Aggregation) -> dict[str, dict[str, dict[str, float | None]]]:
+    """rates[split][scenario][task]: positives / observed labels of the split's exposures."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {name: {} for name in SPLITS}
+    for spec in agg.schema.scenarios:
+        r = agg.scenario_rows[spec.name]
+        split = _split_of(r.ts // agg.schema.window, agg.schema, agg.boundaries)
+        for task in spec.tasks:
+            lab = r.columns[label_column(spec.name, task.name)][r.rows]
+            observed = np.bincount(split[lab >= 0], minlength=len(SPLITS))
+            positive = np.bincount(split[lab == 1], minlength=len(SPLITS))
+            for k, name in enumerate(SPLITS):
+                rate = float(positive[k] / observed[k]) if observed[k] else None
+                out[name].setdefault(spec.name, {})[task.name] = rate
+    return out
+
+
 def _oracle_table(agg: Aggregation, splits: tuple[str, ...]) -> dict[str, dict[str, dict[str, dict]]]:
     """oracle[split][scenario][task] = task_metrics of the true probabilities (observed labels)."""
     out: dict[str, dict[str, dict[str, dict]]] = {}
@@ -822,6 +838,8 @@ def prepare(raw: RawTables, out_dir: str | Path, *, scenarios: list[str] | None 
     _clear_out_dir(out_dir)
     splits = _write_shards(agg, out_dir, shards, max_shard_rows, progress)
     timer.tick("write")
+    for name, rates in _split_label_rates(agg).items():
+        splits[name].label_rates = rates
     oracle = _oracle_table(agg, oracle_splits)
     timer.tick("oracle")
     dropped = {k: v for k, v in agg.dropped.items() if v}

@@ -136,6 +136,7 @@ class SplitInfo(_Model):
     samples: int
     exposures: int
     scenario_exposures: dict[str, int]
+    label_rates: dict[str, dict[str, float | None]] = Field(default_factory=dict)  # scenario -> task -> rate
     shards: list[ShardInfo]
 
 
@@ -275,10 +276,14 @@ def format_summary(manifest: Manifest) -> str:
         per = ", ".join(f"{s}={n:,}" for s, n in info.scenario_exposures.items())
         lines.append(f"{split:<6} {info.samples:>10,} {info.exposures:>11,} {len(info.shards):>6}  {per}")
     lines.append("")
-    lines.append(f"{'scenario':<10} {'exposures':>11}  label rates")
+    lines.append(f"{'split':<6} {'scenario':<10} {'exposures':>11}  label rates")
     for name, info in manifest.scenarios.items():
         rates = ", ".join(f"{t}={_rate(r)}" for t, r in info.label_rates.items())
-        lines.append(f"{name:<10} {info.exposures:>11,}  {rates}")
+        lines.append(f"{'all':<6} {name:<10} {info.exposures:>11,}  {rates}")
+    for split, split_info in manifest.splits.items():
+        for name, per_task in split_info.label_rates.items():
+            rates = ", ".join(f"{t}={_rate(r)}" for t, r in per_task.items())
+            lines.append(f"{split:<6} {name:<10} {split_info.scenario_exposures[name]:>11,}  {rates}")
     oracle_rows = [
         (split, scen, task, m)
         for split, per_scen in manifest.oracle.items()
