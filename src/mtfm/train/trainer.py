@@ -254,7 +254,8 @@ class Trainer:
 
     # ---- one step ---------------------------------------------------------------------------
 
-    def _step(self, batch: JaggedBatch, weight: float) -> torch.Tensor:
+    def train_step(self, batch: JaggedBatch, weight: float = 1.0) -> torch.Tensor:
+        """One optimizer step on ``batch`` (loss scaled by ``weight``; 0 = a padding step); returns the loss."""
         batch = batch.to(self.ctx.device, non_blocking=True)
         with torch.autocast(device_type=self.ctx.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
             loss = self.wrapped(batch)
@@ -303,7 +304,7 @@ class Trainer:
                     self._log(window, bar)
                     return False
                 batch, padding = next(source)
-                loss = self._step(batch, 0.0 if padding else 1.0)
+                loss = self.train_step(batch, 0.0 if padding else 1.0)
                 st.batch += 1
                 st.step += 1
                 if padding:
