@@ -7,33 +7,51 @@ import sys
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import pytest
+from data_world import WINDOW, WorldSize, reference_samples, tiny_world
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from data_world import WINDOW, WorldSize, reference_samples, tiny_world
-from mtfm.data.aggregate import _duplicate_mask, aggregate, build_request, prepare, shard_bounds, split_boundaries
+from mtfm.data.aggregate import (
+    _duplicate_mask,
+    aggregate,
+    build_request,
+    prepare,
+    shard_bounds,
+    split_boundaries,
+    union_rows,
+)
+from mtfm.data.batch import JaggedBatch
 from mtfm.data.encode import HASH_SEEDS
+from mtfm.data.loader import LoadedShard, batch_of
 from mtfm.data.raw import RawTables
-from mtfm.data.store import read_manifest
+from mtfm.data.store import (
+    read_manifest,
+    sequence_columns,
+    sequence_path,
+    sequence_types,
+)
 from mtfm.data.validate import validate_raw
 
 
-def _rows_per_sample(table: pa.Table, raw: RawTables) -> dict[tuple[int, int], dict]:
-    """Stored samples as {(user, window_start): {"T"/"H"/"R": {name: [(rid, ts), ...]}}}."""
-    d = table.to_pydict()
+def _rows_per_sample(batch: JaggedBatch, raw: RawTables) -> dict[tuple[int, int], dict]:
+    """Samples of a batch as {(user, window_start): {"T"/"H"/"R": {name: [(rid, ts), ...]}}}."""
     s = raw.schema
     out = {}
-    for i, (user, start) in enumerate(zip(d["user_id"], d["window_start"])):
-        sample = {"T": {}, "H": {}, "R": {}}
+    for b, (user, start) in enumerate(zip(batch.user_ids.tolist(), batch.window_start.tolist())):
+        sample: dict[str, dict] = {"T": {}, "H": {}, "R": {}}
         for sc in s.scenarios:
-            group = next(g for g in ("item", "user", "cross") if f"T.{sc.name}.{g}.rid" in d)
-            sample["T"][sc.name] = list(zip(d[f"T.{sc.name}.{group}.rid"][i], d[f"T.{sc.name}.ts"][i]))
-        for kind, specs in (("H", s.history), ("R", s.realtime)):
+            part = batch.scenarios[sc.name]
+            lo, hi = int(part.offsets[b]), int(part.offsets[b + 1])
+            group = next(g for g in ("item", "user", "cross") if "rid" in getattr(part, g).numeric)
+            rid = getattr(part, group).numeric["rid"][lo:hi].tolist()
+            sample["T"][sc.name] = list(zip(rid, part.timestamps[lo:hi].tolist()))
+        for kind, field, specs in (("H", "history", s.history), ("R", "realtime", s.realtime)):
             for spec in specs:
-                p = f"{kind}.{spec.name}"
-                sample[kind][spec.name] = list(zip(d[f"{p}.rid"][i], d[f"{p}.ts"][i]))
+                seq = getattr(batch, field)[spec.name]
+                lo, hi = int(seq.offsets[b]), int(seq.offsets[b + 1])
+                rid = seq.features.numeric["rid"][lo:hi].tolist()
+                sample[kind][spec.name] = list(zip(rid, seq.timestamps[lo:hi].tolist()))
         out[(user, start)] = sample
     return out
 
@@ -47,10 +65,19 @@ def _reference_rows(raw: RawTables) -> dict[tuple[int, int], dict]:
     }
 
 
-def _aggregate_all(raw: RawTables) -> pa.Table:
+def _aggregate_all(raw: RawTables, order_seed: int | None = None) -> JaggedBatch:
+    """Every sample through the store's layout (Aggregation.shard) and the loader's gather, in
+    (user, window) order or, with ``order_seed``, a random order and two shards."""
     validate_raw(raw)
     agg = aggregate(raw.tables, raw.origins, raw.schema)
-    return agg.table(np.arange(agg.num_samples))
+    everything = np.arange(agg.num_samples)
+    if order_seed is None:
+        return LoadedShard(agg.shard(everything), raw.schema, "memory").batch(everything)
+    cut = agg.num_samples // 2
+    shards = [LoadedShard(agg.shard(part), raw.schema, "memory") for part in (everything[:cut], everything[cut:])]
+    rng = np.random.default_rng(order_seed)
+    return batch_of([(shards[1], rng.permutation(agg.num_samples - cut)), (shards[0], rng.permutation(cut))],
+                    raw.schema)
 
 
 @settings(max_examples=15, deadline=None)
@@ -60,8 +87,34 @@ def test_aggregation_equals_the_plain_python_reference(seed: int, users: int, wi
     raw = tiny_world(seed, size)
     raw.tables = {t: df.unique(subset=["user_id", "ts", "rid"], keep="first", maintain_order=True)
                   for t, df in raw.tables.items()}
-    got = _rows_per_sample(_aggregate_all(raw), raw)
-    assert got == _reference_rows(raw)
+    want = _reference_rows(raw)
+    assert _rows_per_sample(_aggregate_all(raw), raw) == want
+    assert _rows_per_sample(_aggregate_all(raw, order_seed=seed), raw) == want  # any order, two shards
+
+
+def test_sequence_files_store_each_needed_action_once_and_samples_point_into_them() -> None:
+    raw = tiny_world(3, WorldSize(users=5, windows=8, exposures_a=200, exposures_b=100, orders=80, clicks=300))
+    validate_raw(raw)
+    agg = aggregate(raw.tables, raw.origins, raw.schema)
+    everything = np.arange(agg.num_samples)
+    shard = agg.shard(everything)
+    samples = shard.samples.to_pydict()
+    for prefix, spec in sequence_types(raw.schema):
+        flat = shard.sequences[prefix].to_pydict()
+        assert list(flat) == sequence_columns(spec)
+        needed = set()
+        for i in range(agg.num_samples):
+            lo, hi = samples[f"{prefix}.start"][i], samples[f"{prefix}.end"][i]
+            needed.update(flat["rid"][lo:hi])
+        assert sorted(needed) == sorted(flat["rid"]) and len(set(flat["rid"])) == len(flat["rid"])  # each once
+        items = sum(e - s for s, e in zip(samples[f"{prefix}.start"], samples[f"{prefix}.end"]))
+        assert len(flat["rid"]) < items  # consecutive windows share actions
+    # Union of ranges in any sample order is the same set of rows.
+    start, end = agg.sequences[0].start, agg.sequences[0].end
+    perm = np.random.default_rng(0).permutation(start.size)
+    assert union_rows(start[perm], end[perm]).tolist() == union_rows(start, end).tolist()
+    pos = np.concatenate([np.arange(a, b) for a, b in zip(start, end)] + [np.zeros(0, dtype=np.int64)])
+    assert union_rows(start, end).tolist() == np.unique(pos).tolist()
 
 
 def test_every_exposure_exactly_once_and_sequences_respect_the_window() -> None:
@@ -173,7 +226,10 @@ def test_prepare_is_deterministic(tmp_path) -> None:
 
     for info in m1.splits.values():
         for shard in info.shards:
-            assert pq.read_table(tmp_path / "a" / shard.path).equals(pq.read_table(tmp_path / "b" / shard.path))
+            files = [shard.path] + [str(sequence_path(shard.path, p)) for p, _ in sequence_types(raw.schema)]
+            assert [s.path for s in shard.sequences.values()] == files[1:]
+            for rel in files:
+                assert pq.read_table(tmp_path / "a" / rel).equals(pq.read_table(tmp_path / "b" / rel))
 
 
 def test_request_for_real_exposures_reproduces_the_training_sample(tmp_path) -> None:

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
+import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from data_world import WorldSize, tiny_schema_dict, tiny_world
 
-from data_world import WorldSize, tiny_world
+from mtfm.config import schema_from_dict
 from mtfm.data.aggregate import prepare
 from mtfm.data.batch import TOKEN_T, JaggedBatch, build_token_layout
-from mtfm.data.loader import BatchLoader, table_to_batch
-from mtfm.data.store import MANIFEST_NAME, format_summary, read_manifest, sample_columns
+from mtfm.data.loader import BatchLoader, LoadedShard
+from mtfm.data.store import (
+    MANIFEST_NAME,
+    format_summary,
+    read_manifest,
+    read_shard,
+    sample_columns,
+    sequence_columns,
+    sequence_path,
+    sequence_types,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,55 +65,123 @@ def _flat(batch: JaggedBatch) -> dict[str, list]:
     return out
 
 
-def test_jagged_batch_round_trip_matches_the_stored_rows(prepared) -> None:
-    out, raw, manifest = prepared
+def _stored_samples(out, manifest, split: str) -> list[dict]:
+    """A shard's samples in the previous (format 1) shape, built with plain Python from the
+    files: each sample's H / R rows copied out of the sequence files by its [start, end)."""
     schema = manifest.schema_obj
-    tables = [pq.read_table(p) for p in manifest.shard_paths(out, "train")]
-    rows = [r for t in tables for r in t.to_pylist()]
-    loader = BatchLoader(out, "train", 7, shuffle=False, seed=0)
-    batches = list(loader)
-    assert sum(b.batch_size for b in batches) == len(rows) == manifest.splits["train"].samples
-    assert len(batches) == loader.num_batches(0)
-    i = 0
-    for batch in batches:
-        for b in range(batch.batch_size):
-            row = rows[i]
-            i += 1
-            assert (int(batch.user_ids[b]), int(batch.window_start[b])) == (row["user_id"], row["window_start"])
-            for h in schema.history:
-                seq = batch.history[h.name]
-                lo, hi = int(seq.offsets[b]), int(seq.offsets[b + 1])
-                assert seq.timestamps[lo:hi].tolist() == row[f"H.{h.name}.ts"]
-                assert seq.features.categorical["item"][lo:hi].tolist() == row[f"H.{h.name}.item"]
-            sc = batch.scenarios["A"]
+    rows = []
+    for path in manifest.shard_paths(out, split):
+        flat = {prefix: pq.read_table(sequence_path(path, prefix)).to_pydict()
+                for prefix, _ in sequence_types(schema)}
+        for row in pq.read_table(path).to_pylist():
+            for prefix, spec in sequence_types(schema):
+                lo, hi = row.pop(f"{prefix}.start"), row.pop(f"{prefix}.end")
+                for column in sequence_columns(spec):
+                    row[f"{prefix}.{column}"] = flat[prefix][column][lo:hi]
+            rows.append(row)
+    return rows
+
+
+def _batch_samples(batch: JaggedBatch, schema) -> list[dict]:
+    """Each sample of a batch, sliced out of the batch's tensors by a loop (same shape as
+    :func:`_stored_samples`; labels as stored: 1 / 0 / -1)."""
+    rows = []
+    for b in range(batch.batch_size):
+        row = {"user_id": int(batch.user_ids[b]), "window_start": int(batch.window_start[b])}
+        for prefix, spec in sequence_types(schema):
+            seq = (batch.history if prefix.startswith("H.") else batch.realtime)[spec.name]
+            lo, hi = int(seq.offsets[b]), int(seq.offsets[b + 1])
+            row[f"{prefix}.ts"] = seq.timestamps[lo:hi].tolist()
+            for name, t in {**seq.features.categorical, **seq.features.numeric}.items():
+                row[f"{prefix}.{name}"] = t[lo:hi].tolist()
+            for name, (v, o) in seq.features.multi.items():
+                row[f"{prefix}.{name}"] = [v[int(o[k]):int(o[k + 1])].tolist() for k in range(lo, hi)]
+        for spec in schema.scenarios:
+            sc, p = batch.scenarios[spec.name], f"T.{spec.name}"
             lo, hi = int(sc.offsets[b]), int(sc.offsets[b + 1])
-            assert sc.timestamps[lo:hi].tolist() == row["T.A.ts"]
-            assert sc.item.numeric["price"][lo:hi].tolist() == pytest.approx(row["T.A.item.price"])
-            v, o = sc.item.multi["tags"]
-            per_row = [v[int(o[k]):int(o[k + 1])].tolist() for k in range(lo, hi)]
-            assert per_row == row["T.A.item.tags"]
-            stored = row["T.A.label.ctcvr"]
-            assert sc.label_mask[lo:hi, 1].tolist() == [x >= 0 for x in stored]
-            assert sc.labels[lo:hi, 1].tolist() == [float(x == 1) for x in stored]
-            assert sc.oracle[lo:hi, 0].tolist() == pytest.approx(row["T.A.oracle.ctr"])
-            assert torch.isnan(sc.oracle[lo:hi, 1]).all()  # ctcvr has no oracle column
-    assert i == len(rows)
-    # The layout is the one build_token_layout gives, with one T-token per exposure.
-    last = batches[-1]
-    ref = build_token_layout(last.history, last.realtime, last.scenarios, last.batch_size)
-    assert torch.equal(ref.group_ids, last.layout.group_ids)
-    assert int((last.layout.token_type == TOKEN_T).sum()) == last.num_exposures
+            row[f"{p}.ts"] = sc.timestamps[lo:hi].tolist()
+            for g in ("user", "cross", "item"):
+                ft = getattr(sc, g)
+                for name, t in {**ft.categorical, **ft.numeric}.items():
+                    row[f"{p}.{g}.{name}"] = t[lo:hi].tolist()
+                for name, (v, o) in ft.multi.items():
+                    row[f"{p}.{g}.{name}"] = [v[int(o[k]):int(o[k + 1])].tolist() for k in range(lo, hi)]
+            for k, task in enumerate(spec.tasks):
+                stored = torch.where(sc.label_mask[lo:hi, k], sc.labels[lo:hi, k], -1.0)
+                row[f"{p}.label.{task.name}"] = [int(x) for x in stored.tolist()]
+                if task.oracle_column is not None:
+                    row[f"{p}.oracle.{task.name}"] = sc.oracle[lo:hi, k].tolist()
+                else:
+                    assert torch.isnan(sc.oracle[lo:hi, k]).all()
+        rows.append(row)
+    return rows
+
+
+def _check_dtypes(batch: JaggedBatch) -> None:
+    for seq in [*batch.history.values(), *batch.realtime.values()]:
+        assert seq.offsets.dtype == seq.timestamps.dtype == torch.int64
+        assert all(t.dtype == torch.int64 for t in seq.features.categorical.values())
+        assert all(t.dtype == torch.float32 for t in seq.features.numeric.values())
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_loaded_batches_equal_the_samples_stored_one_by_one(prepared, shuffle) -> None:
+    """The vectorised gather gives, per sample, exactly the rows of its stored ranges (the
+    JaggedBatch of the one-row-per-sample layout), in any order and across shard borders."""
+    out, _, manifest = prepared
+    schema = manifest.schema_obj
+    stored = _stored_samples(out, manifest, "train")
+    by_key = {(r["user_id"], r["window_start"]): r for r in stored}
+    loader = BatchLoader(out, "train", 7, shuffle=shuffle, seed=0)
+    batches = list(loader)
+    assert sum(b.batch_size for b in batches) == len(stored) == manifest.splits["train"].samples
+    assert len(batches) == loader.num_batches(0)
+    got = [r for b in batches for r in _batch_samples(b, schema)]
+    if not shuffle:
+        assert [(r["user_id"], r["window_start"]) for r in got] == list(by_key)
+    for row in got:
+        want = by_key[(row["user_id"], row["window_start"])]
+        assert row.keys() == want.keys()
+        for column, values in row.items():
+            assert values == want[column], column  # exact: the same float32 values
+    for batch in batches:
+        _check_dtypes(batch)
+        ref = build_token_layout(batch.history, batch.realtime, batch.scenarios, batch.batch_size)
+        assert torch.equal(ref.group_ids, batch.layout.group_ids)
+        assert int((batch.layout.token_type == TOKEN_T).sum()) == batch.num_exposures
 
 
 def test_contiguous_batches_share_memory_with_arrow(prepared) -> None:
     out, _, manifest = prepared
-    table = pq.read_table(manifest.shard_paths(out, "train")[0]).slice(1, 3)
-    batch = table_to_batch(table, manifest.schema_obj)
-    column = table.column("H.clicks.ts").chunk(0)
-    first = int(column.offsets[0].as_py())
+    schema = manifest.schema_obj
+    path = manifest.shard_paths(out, "train")[0]
+    shard = LoadedShard(read_shard(path, schema), schema, str(path))
+    batch = shard.batch(np.arange(1, 4))
+    column = shard.samples.column("T.A.ts").chunk(0)
+    first = int(column.offsets[1].as_py())
     values = column.values
-    assert batch.history["clicks"].timestamps.data_ptr() == values.buffers()[1].address + (values.offset + first) * 8
-    assert batch.history["clicks"].offsets[0] == 0
+    assert batch.scenarios["A"].timestamps.data_ptr() == values.buffers()[1].address + (values.offset + first) * 8
+    assert batch.scenarios["A"].offsets[0] == 0
+    ts = pq.read_table(sequence_path(path, "H.clicks")).column("ts")
+    assert shard.sequences["H.clicks"].ts.tolist() == ts.to_pylist()  # loaded once per shard, gathered per batch
+
+
+def test_corrupt_or_incomplete_shards_are_named(prepared, tmp_path) -> None:
+    out, _, manifest = prepared
+    schema = manifest.schema_obj
+    path = manifest.shard_paths(out, "train")[0]
+    table = pq.read_table(path)
+    rows = pq.read_table(sequence_path(path, "H.orders")).num_rows
+    end = table.column("H.orders.end").to_numpy().copy()
+    end[2] = rows + 5
+    bad = tmp_path / "part-00000.parquet"
+    pq.write_table(table.set_column(table.column_names.index("H.orders.end"), "H.orders.end", pa.array(end)), bad)
+    with pytest.raises(FileNotFoundError, match="part-00000.H.orders.parquet"):
+        read_shard(bad, schema)
+    for prefix, _ in sequence_types(schema):
+        shutil.copy(sequence_path(path, prefix), sequence_path(bad, prefix))
+    with pytest.raises(ValueError, match=r"part-00000.parquet: columns 'H.orders.start'/'H.orders.end', row 2: range"):
+        LoadedShard(read_shard(bad, schema), schema, str(bad))
 
 
 def test_shuffled_order_is_deterministic_per_seed_and_epoch_and_covers_each_sample_once(prepared) -> None:
@@ -173,6 +254,10 @@ def test_manifest_round_trip_accounting_and_summary(prepared) -> None:
         assert len(info.shards) == 3
         for s in info.shards:
             assert pq.read_table(out / s.path).column_names == sample_columns(again.schema_obj)
+            assert list(s.sequences) == [p for p, _ in sequence_types(again.schema_obj)]
+            for prefix, seq in s.sequences.items():
+                assert seq.path == str(sequence_path(s.path, prefix))
+                assert pq.read_table(out / seq.path).num_rows == seq.rows <= seq.items
     json.loads((out / MANIFEST_NAME).read_text())  # strict JSON (no NaN)
     text = format_summary(again)
     assert "drop reasons" in text and "oracle ceiling" in text and "valid_start" in text
@@ -199,3 +284,27 @@ def test_label_matrix_and_timestamps_have_model_dtypes(prepared) -> None:
     assert sc.item.categorical["item"].dtype == torch.int64
     assert sc.item.numeric["price"].dtype == torch.float32
     assert np.all(sc.item.categorical["item"].numpy() < 97)  # hash buckets
+
+
+def test_multi_categorical_sequence_features_are_gathered_per_row(tmp_path) -> None:
+    """A list-valued feature in a sequence type stays a list column of the sequence file; the
+    gather picks each row's list (inner offsets rebuilt per batch)."""
+    schema_dict = tiny_schema_dict()
+    schema_dict["realtime"][0]["features"].append(
+        {"kind": "multi_categorical", "name": "tags", "num_embeddings": 6, "max_len": 2})
+    raw = tiny_world(4, schema=schema_from_dict(schema_dict, "tiny+tags"))
+    rng = np.random.default_rng(0)
+    clicks = raw.tables["clicks"]
+    tags = pl.Series("tags", [list(rng.integers(0, 6, rng.integers(0, 4))) for _ in range(len(clicks))],
+                     dtype=pl.List(pl.Int64))
+    raw.tables["clicks"] = clicks.with_columns(tags)
+    manifest = prepare(raw, tmp_path, shards=2)
+    stored = {(r["user_id"], r["window_start"]): r for r in _stored_samples(tmp_path, manifest, "train")}
+    batches = list(BatchLoader(tmp_path, "train", 5, shuffle=True, seed=1))
+    got = [r for b in batches for r in _batch_samples(b, manifest.schema_obj)]
+    assert len(got) == len(stored) and any(r["R.recent.tags"] for r in got)
+    for row in got:
+        assert row == stored[(row["user_id"], row["window_start"])]
+    values, offsets = batches[0].realtime["recent"].features.multi["tags"]
+    assert values.dtype == offsets.dtype == torch.int64
+    assert int(offsets[-1]) == values.numel() and offsets.numel() == batches[0].realtime["recent"].num_rows + 1

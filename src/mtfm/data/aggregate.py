@@ -33,9 +33,12 @@ reordered or copied. Each table gets one order -- by (user, time), stable, found
 int64 key sort or, for already sorted input, a linear check -- as an index array; features
 are encoded column by column in the tables' own row order; sample boundaries come from
 ``searchsorted`` on (user, window) keys, H/R slices from ``searchsorted`` of (user, window)
-in the ordered behaviour table; a shard's list columns are offsets plus one gather of each
-encoded column. No Python loop runs over users or samples; two threads write shards while the
-next one is gathered.
+in the ordered behaviour table. A shard stores each behaviour row its samples need once per
+sequence type, in flat columns (the union of the samples' ranges, found in one pass because
+ranges of samples in (user, window) order never move backwards), and each sample's
+[start, end) into it (see :mod:`mtfm.data.store`); exposures are list columns, offsets plus
+one gather of each encoded column. No Python loop runs over users or samples; two threads
+write shards while the next one is gathered.
 
 Inference requests (:func:`build_request`) run the same code with one user, one scenario and
 the request's candidates as the exposures of the request's window, and encoding statistics
@@ -58,22 +61,32 @@ from tqdm import tqdm
 
 from mtfm.config import DataSchema, Feature, ScenarioSpec, SequenceSpec
 from mtfm.data.batch import JaggedBatch
-from mtfm.data.encode import HASH_SEEDS, FeatureStats, encode_frame, fit_frame, range_positions
+from mtfm.data.encode import (
+    HASH_SEEDS,
+    FeatureStats,
+    encode_frame,
+    fit_frame,
+    range_positions,
+)
 from mtfm.data.raw import RawTables
 from mtfm.data.store import (
     SPLITS,
     Manifest,
     ScenarioInfo,
+    SequenceFileInfo,
     ShardInfo,
+    ShardTables,
     SplitBoundaries,
     SplitInfo,
+    bound_columns,
     history_prefix,
     label_column,
     oracle_column,
     realtime_prefix,
-    scenario_feature_columns,
     sample_columns,
+    scenario_feature_columns,
     scenario_prefix,
+    sequence_path,
     write_manifest,
     write_shard,
 )
@@ -136,7 +149,7 @@ class _Users:
     sorted_ids: np.ndarray | None  # rank mode only
 
     @classmethod
-    def build(cls, ids: list[np.ndarray], span_per_user: int) -> "_Users":
+    def build(cls, ids: list[np.ndarray], span_per_user: int) -> _Users:
         lo = min(int(a.min()) for a in ids if a.size)
         hi = max(int(a.max()) for a in ids if a.size)
         if (hi - lo + 1) * span_per_user < _KEY_LIMIT:
@@ -510,7 +523,7 @@ def _encode_sequences(seqs: list[_SequenceRows], schema: DataSchema, b: SplitBou
 
 @dataclass
 class Aggregation:
-    """Every sample's bounds and every encoded column; ``table(samples)`` assembles samples."""
+    """Every sample's bounds and every encoded column; ``shard(samples)`` assembles samples."""
 
     schema: DataSchema
     boundaries: SplitBoundaries
@@ -538,7 +551,9 @@ class Aggregation:
         return {s: int((off[samples + 1] - off[samples]).sum()) for s, off in self.scenario_offsets.items()}
 
     def sample_weights(self, samples: np.ndarray) -> np.ndarray:
-        """Exposures + sequence items of each sample: the shard size measure."""
+        """Exposures + sequence items of each sample (as if each sample stored its own copy):
+        the shard size measure. Kept from format 1 so that shard cuts, and with them the
+        shuffled order of a (seed, epoch), do not depend on the storage layout."""
         w = np.zeros(samples.size, dtype=np.int64)
         for off in self.scenario_offsets.values():
             w += off[samples + 1] - off[samples]
@@ -546,18 +561,25 @@ class Aggregation:
             w += seq.end[samples] - seq.start[samples]
         return w
 
-    def table(self, samples: np.ndarray) -> pa.Table:
-        """The given samples as an Arrow table with the store's columns (see mtfm.data.store)."""
+    def shard(self, samples: np.ndarray) -> ShardTables:
+        """The given samples in the store's layout (see mtfm.data.store): the sample table, and
+        per sequence type the union of the samples' ranges with each sample's [start, end)
+        into it."""
         cols: dict[str, pa.Array] = {
             "user_id": pa.array(self.sample_user[samples], type=pa.int64()),
             "window_start": pa.array(self.sample_window[samples] * self.schema.window, type=pa.int64()),
         }
+        sequences: dict[str, pa.Table] = {}
         for seq in self.sequences:
-            offsets, pos = range_positions(seq.start[samples], seq.end[samples])
-            pa_offsets = pa.array(offsets)
-            cols[f"{seq.prefix}.ts"] = pa.LargeListArray.from_arrays(pa_offsets, pa.array(seq.table.ts[pos]))
-            for name, values in seq.columns.items():  # already in the table's (user, ts) order
-                cols[name] = pa.LargeListArray.from_arrays(pa_offsets, _take(values, pos))
+            start, end = seq.start[samples], seq.end[samples]
+            rows = union_rows(start, end)
+            first = np.searchsorted(rows, start).astype(np.int64)
+            lo, hi = bound_columns(seq.prefix)
+            cols[lo], cols[hi] = pa.array(first), pa.array(first + (end - start))
+            flat = {"ts": pa.array(seq.table.ts[rows])}
+            for f in seq.spec.features:  # already in the table's (user, ts) order
+                flat[f.name] = _take(seq.columns[f"{seq.prefix}.{f.name}"], rows)
+            sequences[seq.prefix] = pa.table(flat)
         for s, off in self.scenario_offsets.items():
             r = self.scenario_rows[s]
             offsets, pos = range_positions(off[samples], off[samples + 1])
@@ -566,7 +588,23 @@ class Aggregation:
             rows = pos if r.identity else r.rows[pos]
             for name, values in r.columns.items():
                 cols[name] = pa.LargeListArray.from_arrays(pa_offsets, _take(values, rows))
-        return pa.table({name: cols[name] for name in sample_columns(self.schema)})
+        samples_table = pa.table({name: cols[name] for name in sample_columns(self.schema)})
+        return ShardTables(samples_table, sequences)
+
+
+def union_rows(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Sorted distinct positions covered by the ranges [start_i, end_i).
+
+    Samples in (user, window) order have non-decreasing starts and ends (per user, both grow
+    with the window; a later user's rows come later), so each range adds only
+    [max(start_i, end_{i-1}), end_i): one pass, no sort. Other orders fall back to a sort.
+    """
+    if start.size > 1 and not (np.all(start[1:] >= start[:-1]) and np.all(end[1:] >= end[:-1])):
+        return np.unique(range_positions(start, end)[1])
+    if start.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    new_start = np.maximum(start, np.r_[start[:1], end[:-1]])
+    return range_positions(new_start, np.maximum(new_start, end))[1]
 
 
 def _window_span(scen: list[_ScenarioRows], window: int) -> tuple[int, int]:
@@ -800,12 +838,18 @@ def _write_shards(agg: Aggregation, out_dir: Path, shards: int, max_shard_rows: 
         for split, i, samples in tqdm(plan, desc="writing shards", unit="shard", disable=not progress):
             (out_dir / split).mkdir(parents=True, exist_ok=True)
             rel = f"{split}/part-{i:05d}.parquet"
-            table = agg.table(samples)
+            shard = agg.shard(samples)
             while len(pending) >= 2:
                 pending.pop(0).result()
-            pending.append(pool.submit(write_shard, table, out_dir / rel))
+            pending.append(pool.submit(write_shard, shard, out_dir / rel))
+            seq_info = {}
+            for seq in agg.sequences:
+                items = int((seq.end[samples] - seq.start[samples]).sum())
+                seq_info[seq.prefix] = SequenceFileInfo(path=str(sequence_path(rel, seq.prefix)),
+                                                        rows=shard.sequences[seq.prefix].num_rows, items=items)
             infos[split].shards.append(ShardInfo(path=rel, samples=int(samples.size),
-                                                 exposures=sum(agg.exposures_of(samples).values())))
+                                                 exposures=sum(agg.exposures_of(samples).values()),
+                                                 sequences=seq_info))
         for f in pending:
             f.result()
     return infos
@@ -888,7 +932,7 @@ def build_request(tables: RawTables | Mapping[str, pl.DataFrame], manifest: Mani
     order) and labels (then masked). The batch holds only ``scenario``; its token groups follow
     ``schema.restrict([scenario]).token_groups()``.
     """
-    from mtfm.data.loader import table_to_batch  # the loader's converter, so both share it
+    from mtfm.data.loader import LoadedShard  # the loader's converter, so both share it
 
     full = manifest.schema_obj
     if scenario not in full.scenario_names:
@@ -927,4 +971,5 @@ def build_request(tables: RawTables | Mapping[str, pl.DataFrame], manifest: Mani
     far = SplitBoundaries(style="absolute", valid_start=np.iinfo(np.int64).max, test_start=np.iinfo(np.int64).max)
     agg = aggregate(req_tables, req_origins, schema, boundaries=far,
                     given_stats=manifest.encoding, apply_drops=False)
-    return table_to_batch(agg.table(np.arange(agg.num_samples)), schema)
+    everything = np.arange(agg.num_samples)
+    return LoadedShard(agg.shard(everything), schema, origin).batch(everything)

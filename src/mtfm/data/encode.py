@@ -34,7 +34,12 @@ import polars as pl
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from mtfm.config import CategoricalFeature, Feature, MultiCategoricalFeature, NumericFeature
+from mtfm.config import (
+    CategoricalFeature,
+    Feature,
+    MultiCategoricalFeature,
+    NumericFeature,
+)
 from mtfm.data.validate import DataError
 
 HASH_SEEDS: tuple[int, int, int, int] = (0x4D54464D, 0x6D74666D, 0x2F2F2F2F, 0x1234ABCD)

@@ -1,12 +1,20 @@
-"""Loader: prepared Parquet shards -> :class:`~mtfm.data.batch.JaggedBatch`, without padding.
+"""Loader: prepared shards -> :class:`~mtfm.data.batch.JaggedBatch`, without padding.
 
-The loader takes no feature decision (everything was encoded by ``mtfm prepare``): it picks
-samples, lets Arrow gather them (``Table.take`` in C++, or a zero-copy ``slice`` when the
-samples are contiguous, as without shuffling), and wraps the resulting Arrow buffers as
-tensors through DLPack (``torch.from_dlpack``) -- list offsets are int64 (``large_list``), so
-offsets, timestamps and numeric values reach the model without a copy. New memory: ids
-(stored int32 to halve the shards, widened to the model's int64), the label matrix and mask,
-and rebased offsets of sliced lists.
+The loader takes no feature decision (everything was encoded by ``mtfm prepare``); it reads a
+whole shard (:func:`mtfm.data.store.read_shard`) and turns it into a :class:`LoadedShard`:
+
+* exposures (the sample file's list columns): Arrow gathers a batch's samples (``Table.take``
+  in C++, or a zero-copy ``slice`` when they are contiguous, as without shuffling) and the
+  buffers become tensors through DLPack (``torch.from_dlpack``) -- list offsets are int64
+  (``large_list``), so offsets, timestamps and numeric values reach the model without a copy;
+* behaviour sequences (H and R): each type's flat columns become tensors once per shard
+  (ids widened to int64 once), and a batch's :class:`~mtfm.data.batch.SequenceBatch` is one
+  vectorised gather: the samples' [start, end) ranges are concatenated (offsets from the
+  lengths, positions = repeat_interleave of the shifted starts + arange; no Python loop over
+  samples) and index every column.
+
+New memory per batch: the gathered sequence rows, exposure ids (stored int32, widened to the
+model's int64), the label matrix and mask, and rebased offsets of sliced lists.
 
 Order: deterministic for ``(seed, epoch)``. With ``shuffle`` the rank's shards are visited in
 a permuted order and samples are permuted within each shard (a shard is read once per epoch);
@@ -38,18 +46,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mtfm.config import DataSchema, Feature, MultiCategoricalFeature, NumericFeature, SchemaError
-from mtfm.data.batch import FeatureTensors, JaggedBatch, ScenarioBatch, SequenceBatch, build_token_layout
+from mtfm.config import (
+    DataSchema,
+    Feature,
+    MultiCategoricalFeature,
+    NumericFeature,
+    SchemaError,
+    SequenceSpec,
+)
+from mtfm.data.batch import (
+    FeatureTensors,
+    JaggedBatch,
+    ScenarioBatch,
+    SequenceBatch,
+    build_token_layout,
+)
 from mtfm.data.store import (
     Manifest,
-    history_prefix,
+    ShardTables,
+    bound_columns,
     label_column,
     oracle_column,
     read_manifest,
-    realtime_prefix,
+    read_shard,
     sample_columns,
     scenario_feature_columns,
     scenario_prefix,
+    sequence_types,
 )
 
 _TORCH_DTYPES = {pa.int64(): torch.int64, pa.int32(): torch.int32, pa.float32(): torch.float32, pa.int8(): torch.int8}
@@ -127,12 +150,6 @@ def _features(group: _Group, pairs: list[tuple[Feature, str]]) -> FeatureTensors
     return out
 
 
-def _sequence(table: pa.Table, prefix: str, features: list[Feature]) -> SequenceBatch:
-    pairs = [(f, f"{prefix}.{f.name}") for f in features]
-    group = _group(table, [f"{prefix}.ts"] + [c for _, c in pairs])
-    return SequenceBatch(group.offsets, _tensor(group.values[f"{prefix}.ts"], f"{prefix}.ts"), _features(group, pairs))
-
-
 def _scenario(table: pa.Table, schema: DataSchema, name: str) -> ScenarioBatch:
     spec = schema.scenario(name)
     p = scenario_prefix(name)
@@ -162,23 +179,144 @@ def _scenario(table: pa.Table, schema: DataSchema, name: str) -> ScenarioBatch:
     )
 
 
-def table_to_batch(table: pa.Table, schema: DataSchema) -> JaggedBatch:
-    """Samples stored as Arrow (a shard, a slice or a take of one) -> JaggedBatch.
+def ranges(start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(offsets long [k + 1] from 0, positions) of the concatenated ranges [start_i, end_i).
+
+    Vectorised: positions = repeat_interleave(start_i - offsets_i, length_i) + arange(total).
+    """
+    lengths = end - start
+    offsets = torch.zeros(lengths.shape[0] + 1, dtype=torch.long)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    total = int(offsets[-1])
+    shift = torch.repeat_interleave(start - offsets[:-1], lengths, output_size=total)
+    return offsets, shift + torch.arange(total, dtype=torch.long)
+
+
+@dataclass
+class _FlatSequence:
+    """One sequence type of a loaded shard: each sample's [start, end) and the flat columns."""
+
+    start: torch.Tensor  # long [samples]
+    end: torch.Tensor  # long [samples]
+    ts: torch.Tensor  # long [rows]
+    features: FeatureTensors  # [rows]; multi: (values, offsets [rows + 1])
+
+    @classmethod
+    def from_tables(cls, samples: pa.Table, flat: pa.Table, prefix: str, spec: SequenceSpec,
+                    origin: str) -> _FlatSequence:
+        """Arrow -> tensors (zero-copy where the dtype already fits); checks every range."""
+        lo, hi = bound_columns(prefix)
+        start = _tensor(_array(samples.column(lo)), f"{origin}: {lo}")
+        end = _tensor(_array(samples.column(hi)), f"{origin}: {hi}")
+        bad = (start < 0) | (end < start) | (end > flat.num_rows)
+        if bool(bad.any()):
+            row = int(torch.nonzero(bad)[0])
+            raise ValueError(f"{origin}: columns '{lo}'/'{hi}', row {row}: range [{int(start[row])}, "
+                             f"{int(end[row])}) outside the {flat.num_rows} rows of the {prefix} file (corrupt shard?)")
+        features = FeatureTensors()
+        for f in spec.features:
+            arr, name = _array(flat.column(f.name)), f"{origin} {prefix}: {f.name}"
+            if isinstance(f, NumericFeature):
+                features.numeric[f.name] = _tensor(arr, name)
+            elif isinstance(f, MultiCategoricalFeature):
+                inner_offsets, inner_values = _list_parts(arr, name)
+                features.multi[f.name] = (_tensor(inner_values, name).long(), inner_offsets)
+            else:
+                features.categorical[f.name] = _tensor(arr, name).long()  # stored int32: widened once
+        return cls(start.long(), end.long(), _tensor(_array(flat.column("ts")), f"{origin} {prefix}: ts"), features)
+
+    def gather(self, samples: torch.Tensor) -> SequenceBatch:
+        """The given samples' sequences, in that order: one gather per column."""
+        offsets, pos = ranges(self.start[samples], self.end[samples])
+        out = FeatureTensors(
+            categorical={k: v[pos] for k, v in self.features.categorical.items()},
+            numeric={k: v[pos] for k, v in self.features.numeric.items()},
+        )
+        for k, (values, inner) in self.features.multi.items():
+            inner_offsets, value_pos = ranges(inner[pos], inner[pos + 1])
+            out.multi[k] = (values[value_pos], inner_offsets)
+        return SequenceBatch(offsets, self.ts[pos], out)
+
+
+def _cat_features(parts: list[FeatureTensors]) -> FeatureTensors:
+    """Row-wise concatenation (multi offsets shifted by the values before them)."""
+    out = FeatureTensors(
+        categorical={k: torch.cat([p.categorical[k] for p in parts]) for k in parts[0].categorical},
+        numeric={k: torch.cat([p.numeric[k] for p in parts]) for k in parts[0].numeric},
+    )
+    for k in parts[0].multi:
+        values = [p.multi[k][0] for p in parts]
+        out.multi[k] = (torch.cat(values), _cat_offsets([p.multi[k][1] for p in parts]))
+    return out
+
+
+def _cat_offsets(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Offsets of concatenated jagged parts: each part's offsets shifted by the rows before it."""
+    shifted, base = [parts[0]], int(parts[0][-1])
+    for off in parts[1:]:
+        shifted.append(off[1:] + base)
+        base += int(off[-1])
+    return torch.cat(shifted)
+
+
+def _cat_sequences(parts: list[SequenceBatch]) -> SequenceBatch:
+    if len(parts) == 1:
+        return parts[0]
+    return SequenceBatch(_cat_offsets([p.offsets for p in parts]), torch.cat([p.timestamps for p in parts]),
+                         _cat_features([p.features for p in parts]))
+
+
+class LoadedShard:
+    """One shard in memory, ready to cut into batches (see the module docstring).
+
+    ``origin`` names the shard in errors. The shard's sample table must hold the columns of
+    ``schema`` (:func:`mtfm.data.store.sample_columns`), its sequence tables every sequence
+    type of ``schema``.
+    """
+
+    def __init__(self, shard: ShardTables, schema: DataSchema, origin: str) -> None:
+        self.schema, self.origin, self.samples = schema, origin, shard.samples
+        self.sequences = {
+            prefix: _FlatSequence.from_tables(shard.samples, shard.sequences[prefix], prefix, spec, origin)
+            for prefix, spec in sequence_types(schema)
+        }
+
+    @property
+    def num_samples(self) -> int:
+        return self.samples.num_rows
+
+    def _rows(self, idx: np.ndarray) -> pa.Table:
+        contiguous = idx.size > 0 and int(idx[-1]) - int(idx[0]) + 1 == idx.size and bool(np.all(np.diff(idx) == 1))
+        return self.samples.slice(int(idx[0]), idx.size) if contiguous else self.samples.take(pa.array(idx))
+
+    def batch(self, idx: np.ndarray) -> JaggedBatch:
+        """The shard's samples ``idx`` (in that order) as one JaggedBatch."""
+        return batch_of([(self, idx)], self.schema)
+
+
+def batch_of(pieces: list[tuple[LoadedShard, np.ndarray]], schema: DataSchema) -> JaggedBatch:
+    """Samples picked from one or more loaded shards (in the order given) as one JaggedBatch.
 
     ``schema`` decides which scenarios and sequences are read; dict orders follow the schema,
     so token group ids follow ``schema.token_groups()``.
     """
-    history = {h.name: _sequence(table, history_prefix(h.name), h.features) for h in schema.history}
-    realtime = {r.name: _sequence(table, realtime_prefix(r.name), r.features) for r in schema.realtime}
+    tables = [shard._rows(idx) for shard, idx in pieces]
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+    seqs = {}
+    for prefix, _ in sequence_types(schema):
+        parts = [shard.sequences[prefix].gather(torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)))
+                 for shard, idx in pieces]
+        seqs[prefix] = _cat_sequences(parts)
+    history = {h.name: seqs[f"H.{h.name}"] for h in schema.history}
+    realtime = {r.name: seqs[f"R.{r.name}"] for r in schema.realtime}
     scenarios = {s.name: _scenario(table, schema, s.name) for s in schema.scenarios}
-    b = table.num_rows
     return JaggedBatch(
         user_ids=_tensor(_array(table.column("user_id")), "user_id"),
         window_start=_tensor(_array(table.column("window_start")), "window_start"),
         history=history,
         realtime=realtime,
         scenarios=scenarios,
-        layout=build_token_layout(history, realtime, scenarios, b),
+        layout=build_token_layout(history, realtime, scenarios, table.num_rows),
     )
 
 
@@ -261,20 +399,13 @@ class BatchLoader:
             plan.append((int(pos), keep[rng.permutation(keep.size)] if self.shuffle else keep))
         return plan
 
-    def _read(self, pos: int) -> pa.Table:
-        return pq.read_table(self.data_dir / self.shards[pos].path, columns=self.columns)
-
-    def _assemble(self, pieces: list[tuple[pa.Table, np.ndarray]]) -> JaggedBatch:
-        parts = []
-        for table, idx in pieces:
-            contiguous = idx.size > 0 and int(idx[-1]) - int(idx[0]) + 1 == idx.size and bool(np.all(np.diff(idx) == 1))
-            parts.append(table.slice(int(idx[0]), idx.size) if contiguous else table.take(pa.array(idx)))
-        table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
-        return table_to_batch(table, self.schema)
+    def _read(self, pos: int) -> LoadedShard:
+        path = self.data_dir / self.shards[pos].path
+        return LoadedShard(read_shard(path, self.schema, self.columns), self.schema, str(path))
 
     def _batches(self, epoch: int, start_batch: int) -> Iterator[JaggedBatch]:
         skip = start_batch * self.batch_size
-        pieces: list[tuple[pa.Table, np.ndarray]] = []
+        pieces: list[tuple[LoadedShard, np.ndarray]] = []
         need = self.batch_size
         for pos, idx in self._plan(epoch):
             if skip >= idx.size:
@@ -287,10 +418,10 @@ class BatchLoader:
                 pieces.append((table, take))
                 need -= take.size
                 if need == 0:
-                    yield self._assemble(pieces)
+                    yield batch_of(pieces, self.schema)
                     pieces, need = [], self.batch_size
         if pieces and not self.drop_last:
-            yield self._assemble(pieces)
+            yield batch_of(pieces, self.schema)
 
     def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[JaggedBatch]:
         """Batches of the epoch from ``start_batch`` on, prepared by a background thread."""

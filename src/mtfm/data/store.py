@@ -1,29 +1,47 @@
 """The prepared-data store: Parquet shards of aggregated samples plus ``manifest.json``.
 
-Layout of a prepared directory::
+Layout of a prepared directory (format version 2)::
 
     DIR/manifest.json
-    DIR/train/part-00000.parquet  DIR/train/part-00001.parquet ...
-    DIR/valid/part-00000.parquet ...
-    DIR/test/part-00000.parquet ...
+    DIR/train/part-00000.parquet              one row per sample (the sample file)
+    DIR/train/part-00000.H.orders.parquet     one file per sequence type (H and R) and shard:
+    DIR/train/part-00000.R.recent.parquet     the actions the shard's samples need, each once
+    DIR/train/part-00001.parquet ...
+    DIR/valid/...  DIR/test/...
 
-One Parquet row = one aggregated sample (one user, one time window). Columns (see
-:func:`sample_columns`), every list column a ``large_list`` so its offsets are int64 and reach
-the model without conversion:
+Why two kinds of file: a user's consecutive windows share most of their history and
+real-time actions, so storing each sample's own copy of its last ``max_len`` actions (format
+version 1) repeated them many times (59 % of all stored values on the synthetic world) and
+wrote them through Parquet's slow nested-list encoder. Version 2 stores every action once per
+shard and sequence type in flat columns, and each sample points at a row range of that file
+(the user-level compression of MTFM section 3.3.1 / MTGR).
+
+Sample file (see :func:`sample_columns`), one row per sample (one user, one time window):
 
 * ``user_id`` int64, ``window_start`` int64 (time unit of the schema);
+* per sequence type, history ``H.h`` and real-time ``R.r``: ``<prefix>.start`` and
+  ``<prefix>.end`` int64, the sample's rows ``[start, end)`` of the shard's sequence file of
+  that type (ascending time; may be empty);
 * per scenario ``s``: ``T.s.ts`` (exposure timestamps), ``T.s.user.<f>``, ``T.s.cross.<f>``,
   ``T.s.item.<f>`` (encoded features: int32 ids -- int64 when a cardinality exceeds 2**31 --,
-  float32 values, or a list of ids for multi-categorical), ``T.s.label.<task>`` int8 (1, 0, or
-  -1 = not observed) and, for tasks
-  with an oracle column, ``T.s.oracle.<task>`` float32 (NaN = unknown). All columns of one
-  scenario share one list length per sample: its exposure count in the window, possibly 0;
-* per history type ``h``: ``H.h.ts`` and ``H.h.<f>``; per real-time type ``r``: ``R.r.ts``
-  and ``R.r.<f>`` (ascending time within a sample).
+  float32 values, or a list of ids for multi-categorical), ``T.s.label.<task>`` int8 (1, 0,
+  or -1 = not observed) and, for tasks with an oracle column, ``T.s.oracle.<task>`` float32
+  (NaN = unknown). Every exposure is stored once, so these stay ``large_list`` columns (int64
+  offsets): all columns of one scenario share one list length per sample, its exposure count
+  in the window, possibly 0.
+
+Sequence file ``<shard stem>.<prefix>.parquet`` (see :func:`sequence_columns` and
+:func:`sequence_path`): flat columns ``ts`` int64 and one per feature of the type (encoded as
+above; a multi-categorical feature is a ``large_list`` column). Per user of the shard, in
+user order, it holds that user's actions sorted by (time, source row) that at least one of
+the shard's samples needs: the union of the samples' ranges (a sample's H -- the most recent
+``max_len`` actions with ts < window start -- and its R -- the most recent ``max_len`` with ts
+< window end -- are contiguous runs of the user's sorted actions).
 
 The manifest (:class:`Manifest`) holds the accounting (``input_exposures ==
-output_exposures + sum(dropped)``), per split and scenario counts, the shards, the full schema,
-the encoding statistics, the split boundaries used, the oracle AUC/GAUC table and versions.
+output_exposures + sum(dropped)``), per split and scenario counts, the shards with their
+sequence files and row counts, the full schema, the encoding statistics, the split boundaries
+used, the oracle AUC/GAUC table and versions.
 """
 
 from __future__ import annotations
@@ -32,6 +50,7 @@ import json
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +63,7 @@ from mtfm.config import DataSchema, ScenarioSpec, SequenceSpec, schema_from_dict
 from mtfm.data.encode import FeatureStats
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 
 
@@ -87,20 +106,35 @@ def scenario_columns(spec: ScenarioSpec) -> list[str]:
     return cols
 
 
-def sequence_columns(prefix: str, spec: SequenceSpec) -> list[str]:
-    return [f"{prefix}.ts"] + [f"{prefix}.{f.name}" for f in spec.features]
+def sequence_types(schema: DataSchema) -> list[tuple[str, SequenceSpec]]:
+    """(column prefix, spec) of every sequence type: history types, then real-time types."""
+    return [(history_prefix(h.name), h) for h in schema.history] + [(realtime_prefix(r.name), r) for r in schema.realtime]
+
+
+def sequence_columns(spec: SequenceSpec) -> list[str]:
+    """Columns of a sequence file: ``ts`` then one per feature, in schema order."""
+    return ["ts"] + [f.name for f in spec.features]
+
+
+def bound_columns(prefix: str) -> tuple[str, str]:
+    """The sample file's two columns that point into the sequence file of type ``prefix``."""
+    return f"{prefix}.start", f"{prefix}.end"
 
 
 def sample_columns(schema: DataSchema) -> list[str]:
-    """Every column of a shard, in storage order."""
+    """Every column of a sample file, in storage order."""
     cols = ["user_id", "window_start"]
-    for h in schema.history:
-        cols += sequence_columns(history_prefix(h.name), h)
-    for r in schema.realtime:
-        cols += sequence_columns(realtime_prefix(r.name), r)
+    for prefix, _ in sequence_types(schema):
+        cols += bound_columns(prefix)
     for s in schema.scenarios:
         cols += scenario_columns(s)
     return cols
+
+
+def sequence_path(sample_path: str | Path, prefix: str) -> Path:
+    """``train/part-00000.parquet`` -> ``train/part-00000.H.orders.parquet``."""
+    p = Path(sample_path)
+    return p.with_name(f"{p.stem}.{prefix}{p.suffix}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,13 +142,48 @@ def sample_columns(schema: DataSchema) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def write_shard(table: pa.Table, path: str | Path) -> None:
-    """Write one shard. No dictionaries and no column statistics: measured 3-5x faster to write
-    for these long list columns (ids and timestamps with many distinct values), and nothing
-    reads the statistics (shards are always read whole). lz4 costs about the CPU time of no
-    compression (zstd level 1: +25 %) for a quarter of the size, and reads fastest."""
+@dataclass
+class ShardTables:
+    """One shard in memory: the sample table and, per sequence type prefix, its flat table."""
+
+    samples: pa.Table
+    sequences: dict[str, pa.Table]
+
+
+def _write_table(table: pa.Table, path: Path) -> None:
+    """No dictionaries and no column statistics: measured 3-5x faster to write for these
+    columns (ids and timestamps with many distinct values), and nothing reads the statistics
+    (shards are always read whole). lz4 costs about the CPU time of no compression (zstd
+    level 1: +25 %) for a quarter of the size, and reads fastest."""
     pq.write_table(table, path, compression="lz4", use_dictionary=False, write_statistics=False,
                    data_page_version="2.0", write_batch_size=65536, data_page_size=4 << 20)
+
+
+def write_shard(shard: ShardTables, path: str | Path) -> None:
+    """Write the sample file at ``path`` and each sequence file beside it (:func:`sequence_path`)."""
+    _write_table(shard.samples, Path(path))
+    for prefix, table in shard.sequences.items():
+        _write_table(table, sequence_path(path, prefix))
+
+
+def read_shard(path: str | Path, schema: DataSchema, columns: list[str] | None = None) -> ShardTables:
+    """Read a shard written by :func:`write_shard`: the sample file (only ``columns`` when
+    given) and the sequence file of every sequence type of ``schema``. Errors name the file."""
+    path = Path(path)
+    files = [(None, path)] + [(prefix, sequence_path(path, prefix)) for prefix, _ in sequence_types(schema)]
+    missing = [str(f) for _, f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"shard file(s) missing: {missing} (prepared directory incomplete?)")
+    samples = pq.read_table(path, columns=columns)
+    sequences = {}
+    for prefix, spec in sequence_types(schema):
+        seq_file = sequence_path(path, prefix)
+        table = pq.read_table(seq_file)
+        wanted = sequence_columns(spec)
+        if table.column_names != wanted:
+            raise ValueError(f"{seq_file}: columns {table.column_names}, expected {wanted}")
+        sequences[prefix] = table
+    return ShardTables(samples, sequences)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,10 +195,17 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class ShardInfo(_Model):
+class SequenceFileInfo(_Model):
     path: str  # relative to the prepared directory
+    rows: int  # actions stored (each once)
+    items: int  # sum over the shard's samples of their range lengths (what format 1 stored)
+
+
+class ShardInfo(_Model):
+    path: str  # the sample file, relative to the prepared directory
     samples: int
     exposures: int
+    sequences: dict[str, SequenceFileInfo] = Field(default_factory=dict)  # type prefix -> its file
 
 
 class SplitInfo(_Model):
