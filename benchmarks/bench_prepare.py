@@ -48,7 +48,7 @@ class PeakRss:
             self.peak = max(self.peak, rss_bytes())
             time.sleep(self.every_s)
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self.peak = rss_bytes()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -95,6 +95,15 @@ def main() -> None:
     print(f"prepare CPU time (user + system, all threads): {prep_cpu:.1f} s for {prep_s:.1f} s wall "
           f"({prep_cpu / prep_s:.2f} cores busy on average)")
     print(f"RSS before prepare {before / 2**30:.2f} GiB (raw tables in memory)")
+    stored: dict[str, list[int]] = {}
+    for info in manifest.splits.values():
+        for shard in info.shards:
+            for prefix, seq in shard.sequences.items():
+                rows_items = stored.setdefault(prefix, [0, 0])
+                rows_items[0] += seq.rows
+                rows_items[1] += seq.items
+    print("sequence rows stored once per shard / items the samples point at (format 1 stored the items): "
+          + ", ".join(f"{p} {r:,} / {i:,} ({i / max(r, 1):.1f}x)" for p, (r, i) in stored.items()))
     print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print()
     print("| users | input exposures | samples | prepare s | exposures/s | peak RSS during prepare GiB | "

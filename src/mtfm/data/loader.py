@@ -9,9 +9,9 @@ whole shard (:func:`mtfm.data.store.read_shard`) and turns it into a :class:`Loa
   (``large_list``), so offsets, timestamps and numeric values reach the model without a copy;
 * behaviour sequences (H and R): each type's flat columns become tensors once per shard
   (ids widened to int64 once), and a batch's :class:`~mtfm.data.batch.SequenceBatch` is one
-  vectorised gather: the samples' [start, end) ranges are concatenated (offsets from the
-  lengths, positions = repeat_interleave of the shifted starts + arange; no Python loop over
-  samples) and index every column.
+  vectorised gather: the samples' [start, end) ranges are concatenated
+  (:func:`mtfm.data.encode.range_positions`: offsets from the lengths, positions = repeat of
+  the shifted starts + arange; no Python loop over samples) and index every column.
 
 New memory per batch: the gathered sequence rows, exposure ids (stored int32, widened to the
 model's int64), the label matrix and mask, and rebased offsets of sliced lists.
@@ -61,6 +61,7 @@ from mtfm.data.batch import (
     SequenceBatch,
     build_token_layout,
 )
+from mtfm.data.encode import range_positions
 from mtfm.data.store import (
     Manifest,
     ShardTables,
@@ -179,25 +180,12 @@ def _scenario(table: pa.Table, schema: DataSchema, name: str) -> ScenarioBatch:
     )
 
 
-def ranges(start: torch.Tensor, end: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(offsets long [k + 1] from 0, positions) of the concatenated ranges [start_i, end_i).
-
-    Vectorised: positions = repeat_interleave(start_i - offsets_i, length_i) + arange(total).
-    """
-    lengths = end - start
-    offsets = torch.zeros(lengths.shape[0] + 1, dtype=torch.long)
-    torch.cumsum(lengths, 0, out=offsets[1:])
-    total = int(offsets[-1])
-    shift = torch.repeat_interleave(start - offsets[:-1], lengths, output_size=total)
-    return offsets, shift + torch.arange(total, dtype=torch.long)
-
-
 @dataclass
 class _FlatSequence:
     """One sequence type of a loaded shard: each sample's [start, end) and the flat columns."""
 
-    start: torch.Tensor  # long [samples]
-    end: torch.Tensor  # long [samples]
+    start: np.ndarray  # int64 [samples]
+    end: np.ndarray  # int64 [samples]
     ts: torch.Tensor  # long [rows]
     features: FeatureTensors  # [rows]; multi: (values, offsets [rows + 1])
 
@@ -206,11 +194,11 @@ class _FlatSequence:
                     origin: str) -> _FlatSequence:
         """Arrow -> tensors (zero-copy where the dtype already fits); checks every range."""
         lo, hi = bound_columns(prefix)
-        start = _tensor(_array(samples.column(lo)), f"{origin}: {lo}")
-        end = _tensor(_array(samples.column(hi)), f"{origin}: {hi}")
+        start = _tensor(_array(samples.column(lo)), f"{origin}: {lo}").numpy()
+        end = _tensor(_array(samples.column(hi)), f"{origin}: {hi}").numpy()
         bad = (start < 0) | (end < start) | (end > flat.num_rows)
-        if bool(bad.any()):
-            row = int(torch.nonzero(bad)[0])
+        if bad.any():
+            row = int(np.argmax(bad))
             raise ValueError(f"{origin}: columns '{lo}'/'{hi}', row {row}: range [{int(start[row])}, "
                              f"{int(end[row])}) outside the {flat.num_rows} rows of the {prefix} file (corrupt shard?)")
         features = FeatureTensors()
@@ -223,19 +211,24 @@ class _FlatSequence:
                 features.multi[f.name] = (_tensor(inner_values, name).long(), inner_offsets)
             else:
                 features.categorical[f.name] = _tensor(arr, name).long()  # stored int32: widened once
-        return cls(start.long(), end.long(), _tensor(_array(flat.column("ts")), f"{origin} {prefix}: ts"), features)
+        return cls(start.astype(np.int64, copy=False), end.astype(np.int64, copy=False),
+                   _tensor(_array(flat.column("ts")), f"{origin} {prefix}: ts"), features)
 
-    def gather(self, samples: torch.Tensor) -> SequenceBatch:
-        """The given samples' sequences, in that order: one gather per column."""
-        offsets, pos = ranges(self.start[samples], self.end[samples])
+    def gather(self, samples: np.ndarray) -> SequenceBatch:
+        """The given samples' sequences, in that order: the concatenated ranges (offsets from
+        the lengths, positions from one repeat + arange), then one ``index_select`` per column
+        (measured 4x faster than tensor[positions] for batch-sized gathers)."""
+        offsets, pos = range_positions(self.start[samples], self.end[samples])
+        index = torch.from_numpy(pos)
         out = FeatureTensors(
-            categorical={k: v[pos] for k, v in self.features.categorical.items()},
-            numeric={k: v[pos] for k, v in self.features.numeric.items()},
+            categorical={k: torch.index_select(v, 0, index) for k, v in self.features.categorical.items()},
+            numeric={k: torch.index_select(v, 0, index) for k, v in self.features.numeric.items()},
         )
         for k, (values, inner) in self.features.multi.items():
-            inner_offsets, value_pos = ranges(inner[pos], inner[pos + 1])
-            out.multi[k] = (values[value_pos], inner_offsets)
-        return SequenceBatch(offsets, self.ts[pos], out)
+            inner_np = inner.numpy()
+            inner_offsets, value_pos = range_positions(inner_np[pos], inner_np[pos + 1])
+            out.multi[k] = (torch.index_select(values, 0, torch.from_numpy(value_pos)), torch.from_numpy(inner_offsets))
+        return SequenceBatch(torch.from_numpy(offsets), torch.index_select(self.ts, 0, index), out)
 
 
 def _cat_features(parts: list[FeatureTensors]) -> FeatureTensors:
@@ -304,8 +297,7 @@ def batch_of(pieces: list[tuple[LoadedShard, np.ndarray]], schema: DataSchema) -
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
     seqs = {}
     for prefix, _ in sequence_types(schema):
-        parts = [shard.sequences[prefix].gather(torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64)))
-                 for shard, idx in pieces]
+        parts = [shard.sequences[prefix].gather(idx) for shard, idx in pieces]
         seqs[prefix] = _cat_sequences(parts)
     history = {h.name: seqs[f"H.{h.name}"] for h in schema.history}
     realtime = {r.name: seqs[f"R.{r.name}"] for r in schema.realtime}
