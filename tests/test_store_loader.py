@@ -308,3 +308,12 @@ def test_multi_categorical_sequence_features_are_gathered_per_row(tmp_path) -> N
     values, offsets = batches[0].realtime["recent"].features.multi["tags"]
     assert values.dtype == offsets.dtype == torch.int64
     assert int(offsets[-1]) == values.numel() and offsets.numel() == batches[0].realtime["recent"].num_rows + 1
+
+
+def test_a_store_of_another_format_version_is_refused_by_name(prepared, tmp_path) -> None:
+    out, _, _ = prepared
+    raw = json.loads((out / MANIFEST_NAME).read_text())
+    raw["format_version"] = 1  # one-row-per-sample lists: this loader cannot read it
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="format_version 1, this code reads 2"):
+        read_manifest(tmp_path)
