@@ -81,9 +81,10 @@ heads_groups = st.sampled_from([(1, 1), (2, 1), (4, 2), (4, 4), (3, 1)])
     bias=st.sampled_from([(0, 0), (6, 0), (0, 5), (6, 5)]),
     slack=st.sampled_from([0.0, 0.25, 4.0]),
     chunk=st.sampled_from([1, 7, 1 << 18]),
+    direct=st.sampled_from([0, 1 << 22]),
     seed=st.integers(0, 10_000),
 )
-def test_jagged_attention_matches_reference_forward_and_backward(shapes, hg, kind, bias, slack, chunk, seed):
+def test_jagged_attention_matches_reference_forward_and_backward(shapes, hg, kind, bias, slack, chunk, direct, seed):
     layout = _layout(shapes, seed)
     heads, groups = hg
     queries, q, k, v = _inputs(layout, kind, heads, groups, 4, seed)
@@ -96,7 +97,9 @@ def test_jagged_attention_matches_reference_forward_and_backward(shapes, hg, kin
                              position_buckets=position_buckets, padding_slack=slack)
     wrt = (q, k, v) if table is None else (q, k, v, table)
     ref, ref_grads = _run("reference", q, k, v, queries, layout, params, wrt)
-    with mock.patch.object(jagged, "_CHUNK_CELLS", chunk):  # small chunks exercise the kernel's chunk loop
+    # small chunks exercise the chunked kernel's loop; direct = 0 sends every bucket to that kernel,
+    # a large direct bound sends every bucket to the plain-autograd path
+    with mock.patch.object(jagged, "_CHUNK_CELLS", chunk), mock.patch.object(jagged, "_DIRECT_CELLS", direct):
         jag, jag_grads = _run("jagged", q, k, v, queries, layout, params, wrt)
     torch.testing.assert_close(jag, ref, rtol=1e-10, atol=1e-12)
     for a, b in zip(jag_grads, ref_grads):

@@ -21,8 +21,9 @@ is built once and cached in the :class:`AttentionLayout`, then reused by every l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,9 +34,15 @@ from mtfm.model.mask import visible
 
 # A bucket may also waste up to this many score cells regardless of the slack, so a tail of
 # tiny users does not become one bucket each.
-_MIN_WASTE = 4096
+_MIN_WASTE = 65536
+# What one more bucket costs, in score cells: its fixed per-op overhead (forward and backward),
+# measured on the small preset as roughly what 16K padded cells of attention cost.
+_BUCKET_COST = 16384
 # Score cells (batch x heads x query rows x keys) per chunk: 256K floats = 1 MiB, cache-sized.
 _CHUNK_CELLS = 1 << 18
+# Buckets with at most this many score cells (all heads) skip the chunked kernel and keep their
+# intermediates for autograd (4M floats = 16 MiB per intermediate, about 3 per bucket).
+_DIRECT_CELLS = 1 << 22
 
 
 @dataclass
@@ -57,6 +64,7 @@ class _Bucket:
     k_type: Tensor  # long [nb, C]: TOKEN_T for padding (visible to no other token)
     k_time: Tensor  # long [nb, C]
     k_seq: Tensor  # long [nb, C]
+    dense: dict = field(default_factory=dict, repr=False)  # whole-block masks / bias columns (direct path)
 
     def mask(self, s: int, e: int) -> Tensor:
         """``[nb, e - s, C]`` visibility of query rows ``s:e`` (padding never visible)."""
@@ -68,6 +76,36 @@ class _Bucket:
         return bias_index(self.q_time[:, s:e, None] - self.k_time[:, None, :],
                           self.q_seq[:, s:e, None] - self.k_seq[:, None, :], params)
 
+    @property
+    def cells(self) -> int:
+        """Score cells of the whole block per head (``nb * Lq * C``)."""
+        return int(self.q_rows.numel()) * int(self.k_pos.shape[1])
+
+    def dense_weight(self, dtype: torch.dtype, norm: float) -> Tensor:
+        """``M / n`` of the whole block as ``[nb, 1, 1, Lq, C]`` numbers, built once per forward pass.
+
+        Every layer of a forward pass sees the same token metadata, so the mask (and below the
+        bias columns) of a direct-path bucket is computed by the first layer and reused.
+        """
+        key = ("weight", dtype, norm)
+        if key not in self.dense:
+            self.dense[key] = (self.mask(0, self.q_rows.shape[1]).to(dtype) * norm)[:, None, None]
+        return self.dense[key]
+
+    def dense_bias_index(self, params: AttentionParams, heads: int) -> Tensor:
+        """Flat positions in the ``[H * width]`` bias table for every ``[nb, H, Lq, C]`` cell, built once.
+
+        Indexing the flattened table with one index per head lays the gathered bias out in the
+        scores' own order, so no permuted copy is needed.
+        """
+        key = ("bias", params.time_buckets, params.position_buckets, heads)
+        if key not in self.dense:
+            column = self.bias_index(0, self.q_rows.shape[1], params)  # [nb, Lq, C]
+            width = max(params.time_buckets, 1) * max(params.position_buckets, 1)
+            head = torch.arange(heads, device=column.device)[None, :, None, None] * width
+            self.dense[key] = (column[:, None] + head).flatten()
+        return self.dense[key]
+
 
 @dataclass
 class _Plan:
@@ -78,29 +116,51 @@ class _Plan:
     real_cells: int
 
 
-def group_users(q_len: list[int], c_len: list[int], slack: float) -> list[list[int]]:
-    """Greedy buckets of users with similar block shapes; padding within ``1 + slack`` (plus a small floor).
+def _best_runs(q: np.ndarray, c: np.ndarray, slack: float) -> tuple[float, list[tuple[int, int]]]:
+    """Cheapest split of the users in this order into runs ``[i, j)`` (dynamic programming)."""
+    n = len(q)
+    real_cum = np.concatenate([[0.0], np.cumsum(q * c)])
+    best = np.zeros(n + 1)
+    start = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        # Bucket users[i:j] for every i < j: block shape = running maxima from the right.
+        lq = np.maximum.accumulate(q[:j][::-1])[::-1]
+        lc = np.maximum.accumulate(c[:j][::-1])[::-1]
+        padded = (j - np.arange(j)) * lq * lc
+        real = real_cum[j] - real_cum[:j]
+        ok = (padded <= (1.0 + slack) * real) | (padded - real <= _MIN_WASTE)
+        cost = np.where(ok, best[:j] + padded + _BUCKET_COST, np.inf)
+        i = int(np.argmin(cost))
+        best[j], start[j] = cost[i], i
+    runs: list[tuple[int, int]] = []
+    j = n
+    while j > 0:
+        runs.append((int(start[j]), j))
+        j = int(start[j])
+    return float(best[n]), runs[::-1]
 
-    Users with no query or no context key need no block and are left out.
+
+def group_users(q_len: list[int], c_len: list[int], slack: float) -> list[list[int]]:
+    """Buckets of users with similar block shapes, padding within ``1 + slack`` (or ``_MIN_WASTE`` cells).
+
+    The users are sorted by context length (then query length), and also the other way round;
+    for each order, the split into runs with the least padded cells plus ``_BUCKET_COST`` per
+    bucket (the fixed cost of a bucket's ops, forward and backward, in score cells) is found by
+    dynamic programming, and the cheaper order wins. A bucket is admissible only within the
+    padding bound above. Users with no query or no context key need no block and are left out.
     """
-    users = sorted((u for u in range(len(q_len)) if q_len[u] > 0 and c_len[u] > 0), key=lambda u: (-c_len[u], -q_len[u]))
-    buckets: list[list[int]] = []
-    members: list[int] = []
-    lq_max = c_max = real = 0
-    for u in users:
-        if members:
-            new_lq = max(lq_max, q_len[u])
-            new_real = real + q_len[u] * c_len[u]
-            padded = (len(members) + 1) * new_lq * c_max
-            if padded <= (1.0 + slack) * new_real or padded - new_real <= _MIN_WASTE:
-                members.append(u)
-                lq_max, real = new_lq, new_real
-                continue
-            buckets.append(members)
-        members, lq_max, c_max, real = [u], q_len[u], c_len[u], q_len[u] * c_len[u]
-    if members:
-        buckets.append(members)
-    return buckets
+    active = [u for u in range(len(q_len)) if q_len[u] > 0 and c_len[u] > 0]
+    if not active:
+        return []
+    best: tuple[float, list[list[int]]] | None = None
+    for key in (lambda u: (-c_len[u], -q_len[u]), lambda u: (-q_len[u], -c_len[u])):
+        users = sorted(active, key=key)
+        q = np.array([q_len[u] for u in users], dtype=np.float64)
+        c = np.array([c_len[u] for u in users], dtype=np.float64)
+        cost, runs = _best_runs(q, c, slack)
+        if best is None or cost < best[0]:
+            best = (cost, [users[i:j] for i, j in runs])
+    return best[1]
 
 
 def _block_index(starts: Tensor, lengths: Tensor, width: int) -> tuple[Tensor, Tensor]:
@@ -213,29 +273,60 @@ class _BlockAttention(torch.autograd.Function):
         return dq, dk, dv, dbias, None, None
 
 
+def _direct_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, bucket: _Bucket, params: AttentionParams) -> Tensor:
+    """The same as :class:`_BlockAttention` for a block small enough to keep: plain autograd ops.
+
+    For the short users of a recommendation batch the chunked kernel's cost is per-op
+    overhead, not arithmetic; here the whole block is a handful of batched ops whose
+    ``[nb, H, Lq, C]`` intermediates autograd keeps for the backward pass (bounded by
+    ``_DIRECT_CELLS``), and the mask and bias columns come from the per-forward plan.
+    """
+    nb, lq, groups, r, _ = q.shape
+    c = k.shape[1]
+    scores = torch.einsum("bqgrd,bcgd->bgrqc", q, k)
+    if bias is not None:
+        index = bucket.dense_bias_index(params, groups * r)
+        # index_select on the flat table: its backward is an index_add (advanced indexing's is far slower).
+        scores = scores + bias.flatten().index_select(0, index).view(nb, groups, r, lq, c)
+    # Masked cells are multiplied by exactly 0 (scores are finite), as the reference's torch.where gives.
+    weights = F.silu(scores) * bucket.dense_weight(scores.dtype, params.norm)
+    return torch.einsum("bgrqc,bcgd->bqgrd", weights, v)
+
+
 def _bucket_attention(q: Tensor, k: Tensor, v: Tensor, b: _Bucket, params: AttentionParams) -> Tensor:
-    """Attention of one bucket's queries over their users' context keys: ``[n_valid, H, dv]``."""
+    """Attention of one bucket's queries over their users' context keys: ``[n_valid, H, dv]``.
+
+    Blocks of at most ``_DIRECT_CELLS`` score cells (all heads) take the direct path, larger
+    ones the chunked kernel that recomputes scores in backward (memory O(N), not O(N * C)).
+    """
     groups = k.shape[1]
     nb, lq = b.q_rows.shape
+    c = b.k_pos.shape[1]
     heads, r = q.shape[1], q.shape[1] // groups
-    qb = q[b.q_rows].view(nb, lq, groups, r, q.shape[2])  # q already carries alpha
-    kb, vb = k[b.k_pos], v[b.k_pos]  # [nb, C, G, d]
+    qb = q.index_select(0, b.q_rows.flatten()).view(nb, lq, groups, r, q.shape[2])  # q already carries alpha
+    k_index = b.k_pos.flatten()
+    kb = k.index_select(0, k_index).view(nb, c, groups, k.shape[2])
+    vb = v.index_select(0, k_index).view(nb, c, groups, v.shape[2])
     bias = params.bias.to(qb.dtype) if params.bias is not None else None
-    out = _BlockAttention.apply(qb, kb, vb, bias, b, params)
-    return out.reshape(nb * lq, heads, v.shape[2])[b.valid_flat]
+    if b.cells * heads <= _DIRECT_CELLS:
+        out = _direct_attention(qb, kb, vb, bias, b, params)
+    else:
+        out = _BlockAttention.apply(qb, kb, vb, bias, b, params)
+    return out.reshape(nb * lq, heads, v.shape[2]).index_select(0, b.valid_flat)
 
 
 def _self_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, pos: Tensor, params: AttentionParams) -> Tensor:
     """Each T query's attention to its own key (the one T column the mask leaves open)."""
     groups = k.shape[1]
     heads, r = q.shape[1], q.shape[1] // groups
-    qs = q[rows].view(-1, groups, r, q.shape[2])  # q already carries alpha
-    score = torch.einsum("ngrd,ngd->ngr", qs, k[pos])
+    qs = q.index_select(0, rows).view(-1, groups, r, q.shape[2])  # q already carries alpha
+    k_own, v_own = k.index_select(0, pos), v.index_select(0, pos)
+    score = torch.einsum("ngrd,ngd->ngr", qs, k_own)
     if params.bias is not None:
         score = score + params.bias[:, 0].view(groups, r)  # time and position gap 0 -> column 0
     weight = F.silu(score) * params.norm
     # An outer product written as a matmul with inner size 1, so FLOP counters see it too.
-    return torch.matmul(weight[..., None], v[pos][:, :, None, :]).reshape(-1, heads, v.shape[2])
+    return torch.matmul(weight[..., None], v_own[:, :, None, :]).reshape(-1, heads, v.shape[2])
 
 
 def jagged_attention(

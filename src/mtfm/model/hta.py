@@ -57,13 +57,13 @@ class HTABlock(nn.Module):
         if len(self.targets):
             ctx = layout.context().index
             tgt = layout.queries("target").index
-            x_ctx, g_ctx = x[ctx], groups.all[ctx]
+            x_ctx, g_ctx = x.index_select(0, ctx), groups.all[ctx]
             layers = list(self.targets)
             if self.fuse_kv:
                 kvs = fused_context_kv(layers, x_ctx, g_ctx)
             else:
                 kvs = [layer.context_kv(x_ctx, g_ctx) for layer in layers]
-            x_t, g_t = x[tgt], groups.all[tgt]
+            x_t, g_t = x.index_select(0, tgt), groups.all[tgt]
             for layer, (k_ctx, v_ctx) in zip(layers, kvs):
                 x_t = layer(x_t, g_t, groups.target, k_ctx, v_ctx, layout)
             x = x.index_copy(0, tgt, x_t.to(x.dtype))

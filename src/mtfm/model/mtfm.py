@@ -104,7 +104,7 @@ class MTFMBase(nn.Module):
         x = self._tokens(batch)
         x = self.stack(x, groups, layout)
         targets = layout.queries("target").index
-        x_t = x[targets]
+        x_t = x.index_select(0, targets)
         if self.final_norm is not None:
             x_t = self.final_norm(x_t, groups.target)
         rows = batch.layout.source_row[targets]
@@ -113,7 +113,7 @@ class MTFMBase(nn.Module):
         for name, scenario in batch.scenarios.items():
             local = self.target_groups.index(f"T:{name}")
             sel = torch.nonzero(groups.target == local).flatten()
-            emb = x_t.new_zeros((scenario.num_rows, x_t.shape[1])).index_copy(0, rows[sel], x_t[sel])
+            emb = x_t.new_zeros((scenario.num_rows, x_t.shape[1])).index_copy(0, rows[sel], x_t.index_select(0, sel))
             embeddings[name] = emb
             logits[name] = self.head(emb, name).float()
         return ModelOutput(logits, embeddings)
@@ -155,7 +155,7 @@ class MTFMBase(nn.Module):
         sizes = torch.tensor([p.shape[0] for p in parts], dtype=torch.long, device=batch.layout.group_ids.device)
         base = torch.cumsum(sizes, 0) - sizes
         flat = torch.cat(parts)
-        return flat[base[batch.layout.group_ids] + batch.layout.source_row]
+        return flat.index_select(0, base[batch.layout.group_ids] + batch.layout.source_row)
 
     # ---- loss ------------------------------------------------------------------------------
 
