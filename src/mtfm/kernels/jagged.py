@@ -114,6 +114,9 @@ class _Plan:
     self_rows: Tensor  # long: query rows that are T-tokens (their own key is not in the context)
     padded_cells: int  # score cells computed per head (for reporting the padding overhead)
     real_cells: int
+    q_index: Tensor  # long: every bucket's q_rows, flattened and concatenated (one gather per layer)
+    k_index: Tensor  # long: every bucket's k_pos, likewise
+    gather: Tensor  # long [Nq]: row of each query in the concatenated padded outputs (+ one zero row)
 
 
 def _best_runs(q: np.ndarray, c: np.ndarray, slack: float) -> tuple[float, list[tuple[int, int]]]:
@@ -202,9 +205,20 @@ def _build_plan(queries: QuerySet, layout: AttentionLayout, slack: float) -> _Pl
         out_rows.append(q_rows.flatten()[valid_flat])
         padded_cells += len(members) * lq * c
         real_cells += sum(q_len[u] * c_len[u] for u in members)
-    empty = torch.zeros(0, dtype=torch.long, device=queries.index.device)
+    device = queries.index.device
+    empty = torch.zeros(0, dtype=torch.long, device=device)
     self_rows = torch.nonzero(layout.token_type[queries.index] == TOKEN_T).flatten()
-    return _Plan(buckets, torch.cat(out_rows) if out_rows else empty, self_rows, padded_cells, real_cells)
+    # Queries without any context key read the zero row appended after the buckets' outputs.
+    zero_row = sum(b.q_rows.numel() for b in buckets)
+    gather = torch.full((queries.num_queries,), zero_row, dtype=torch.long, device=device)
+    base = 0
+    for b, rows in zip(buckets, out_rows):
+        gather[rows] = base + b.valid_flat
+        base += b.q_rows.numel()
+    q_index = torch.cat([b.q_rows.flatten() for b in buckets]) if buckets else empty
+    k_index = torch.cat([b.k_pos.flatten() for b in buckets]) if buckets else empty
+    return _Plan(buckets, torch.cat(out_rows) if out_rows else empty, self_rows, padded_cells, real_cells,
+                 q_index, k_index, gather)
 
 
 def plan_for(queries: QuerySet, layout: AttentionLayout, slack: float) -> _Plan:
@@ -294,25 +308,19 @@ def _direct_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, buck
 
 
 def _bucket_attention(q: Tensor, k: Tensor, v: Tensor, b: _Bucket, params: AttentionParams) -> Tensor:
-    """Attention of one bucket's queries over their users' context keys: ``[n_valid, H, dv]``.
+    """Attention of one bucket's gathered blocks ``q [nb, Lq, G, r, d]``, ``k, v [nb, C, G, d]``.
 
     Blocks of at most ``_DIRECT_CELLS`` score cells (all heads) take the direct path, larger
     ones the chunked kernel that recomputes scores in backward (memory O(N), not O(N * C)).
+    Returns ``[nb * Lq, H, dv]`` (padding rows included).
     """
-    groups = k.shape[1]
-    nb, lq = b.q_rows.shape
-    c = b.k_pos.shape[1]
-    heads, r = q.shape[1], q.shape[1] // groups
-    qb = q.index_select(0, b.q_rows.flatten()).view(nb, lq, groups, r, q.shape[2])  # q already carries alpha
-    k_index = b.k_pos.flatten()
-    kb = k.index_select(0, k_index).view(nb, c, groups, k.shape[2])
-    vb = v.index_select(0, k_index).view(nb, c, groups, v.shape[2])
-    bias = params.bias.to(qb.dtype) if params.bias is not None else None
-    if b.cells * heads <= _DIRECT_CELLS:
-        out = _direct_attention(qb, kb, vb, bias, b, params)
+    nb, lq, groups, r, _ = q.shape
+    bias = params.bias.to(q.dtype) if params.bias is not None else None
+    if b.cells * groups * r <= _DIRECT_CELLS:
+        out = _direct_attention(q, k, v, bias, b, params)
     else:
-        out = _BlockAttention.apply(qb, kb, vb, bias, b, params)
-    return out.reshape(nb * lq, heads, v.shape[2]).index_select(0, b.valid_flat)
+        out = _BlockAttention.apply(q, k, v, bias, b, params)
+    return out.reshape(nb * lq, groups * r, v.shape[-1])
 
 
 def _self_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, pos: Tensor, params: AttentionParams) -> Tensor:
@@ -329,6 +337,20 @@ def _self_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, pos: Tensor, 
     return torch.matmul(weight[..., None], v_own[:, :, None, :]).reshape(-1, heads, v.shape[2])
 
 
+def _all_buckets(q: Tensor, k: Tensor, v: Tensor, plan: _Plan, params: AttentionParams) -> list[Tensor]:
+    """Every bucket's padded output ``[nb * Lq, H, dv]``, from one gather of q, k and v each."""
+    heads, groups, d, dv = q.shape[1], k.shape[1], q.shape[2], v.shape[2]
+    q_all = q.index_select(0, plan.q_index).split([b.q_rows.numel() for b in plan.buckets])
+    k_sizes = [b.k_pos.numel() for b in plan.buckets]
+    k_all = k.index_select(0, plan.k_index).split(k_sizes)
+    v_all = v.index_select(0, plan.k_index).split(k_sizes)
+    return [
+        _bucket_attention(qb.view(*b.q_rows.shape, groups, heads // groups, d), kb.view(*b.k_pos.shape, groups, d),
+                          vb.view(*b.k_pos.shape, groups, dv), b, params)
+        for b, qb, kb, vb in zip(plan.buckets, q_all, k_all, v_all)
+    ]
+
+
 def jagged_attention(
     q: Tensor,
     k: Tensor,
@@ -342,12 +364,15 @@ def jagged_attention(
     if queries.num_queries == 0:
         return empty_output(q, k, v, params)
     plan = plan_for(queries, layout, params.padding_slack)
-    heads, dv = q.shape[1], v.shape[2]
-    out = q.new_zeros((queries.num_queries, heads, dv))
+    heads = q.shape[1]
     q = q * params.alpha  # scale the small query tensor, not the [Lq, C] scores
+    dv = v.shape[2]
+    # One gather per tensor for all buckets (and so one index_add per tensor in backward).
+    parts: list[Tensor] = []
     if plan.buckets:
-        parts = torch.cat([_bucket_attention(q, k, v, b, params) for b in plan.buckets])
-        out = out.index_put((plan.out_rows,), parts.to(out.dtype))
+        parts = _all_buckets(q, k, v, plan, params)
+    parts.append(q.new_zeros((1, heads, dv)))
+    out = torch.cat(parts).index_select(0, plan.gather)
     if plan.self_rows.numel():
         own = _self_attention(q, k, v, plan.self_rows, queries.index[plan.self_rows], params)
         out = out.index_add(0, plan.self_rows, own.to(out.dtype))
