@@ -62,11 +62,11 @@ def _train_and_evaluate(args: argparse.Namespace, data: Path, run: Path, arch: s
         if arch == "mtfm":
             model = load_model_config(args.model).model_dump(mode="json")
             cfg = TrainConfig(epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=args.batch_size,
-                              seed=seed, progress=False)
+                              seed=seed, progress=False, threads=args.threads)
         else:
             model = {}
             cfg = TrainConfig(epochs=args.lr_epochs, patience=args.patience, lr=args.lr_baseline_lr,
-                              batch_size=args.batch_size, seed=seed, progress=False)
+                              batch_size=args.batch_size, seed=seed, progress=False, threads=args.threads)
         t0 = time.perf_counter()
         train_from_data(data, run, arch=arch, model_config=model, cfg=cfg, scenarios=scenarios)
         metrics, _ = evaluate_run(run, data, "test")
@@ -170,9 +170,11 @@ def main() -> None:
     p.add_argument("--model", default="small", help="MTFM model config or preset")
     p.add_argument("--epochs", type=int, default=3, help="MTFM max epochs (early stopping on valid GAUC)")
     p.add_argument("--patience", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per run (default 1: this machine's 2 cores are shared)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr-epochs", type=int, default=6, help="LR baseline max epochs")
+    p.add_argument("--lr-epochs", type=int, default=20, help="LR baseline max epochs")
     p.add_argument("--lr-baseline-lr", type=float, default=1e-2)
     args = p.parse_args()
 

@@ -101,3 +101,11 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(world, t
     ckpt = lambda d: d / "checkpoints" / json.loads((d / "checkpoints" / "latest.json").read_text())["checkpoint"]
     a, b = load_file(str(ckpt(tmp_path / "full") / "model.safetensors")), load_file(str(ckpt(cut) / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_mtfm_trains_under_bf16_autocast(world, tmp_path):
+    data, model = world
+    assert _train(data, tmp_path / "bf16", model, "--max-steps", "3", "--bf16") == 0
+    metrics = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["final_valid"]["HP"]["ctr"]["auc"] is not None
+    assert json.loads((tmp_path / "bf16" / "checkpoints" / "latest.json").read_text())["checkpoint"] == "step-00000003"

@@ -44,6 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: one per core; 1 is faster on a machine shared with other jobs)")
     p.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -54,6 +56,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {
         "epochs": args.epochs, "max_steps": args.max_steps, "seed": args.seed, "batch_size": args.batch_size,
         "lr": args.lr, "patience": args.patience, "checkpoint_every": args.checkpoint_every, "device": args.device,
+        "threads": args.threads,
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
     if args.max_steps is not None and args.epochs is None:

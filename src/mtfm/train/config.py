@@ -56,6 +56,11 @@ class TrainConfig(BaseModel):
     log_every: int = Field(default=10, ge=1, description="steps between CSV log rows")
     progress: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(
+        default=None, ge=1,
+        description="torch intra-op CPU threads; None: torch's default (one per core). On a machine whose "
+        "cores are shared with other jobs, 1 avoids OpenMP threads spinning at barriers for a descheduled peer",
+    )
     deterministic: bool = True
     prefetch: int = Field(default=2, ge=0)
 

@@ -396,7 +396,8 @@ class Trainer:
         while stop is None:
             finished = self._train_epoch(self.state.epoch)
             if not finished:  # max_steps inside the epoch: checkpoint there, report, do not select
-                self._save()
+                if self.ckpt.latest() != self.ckpt.root / f"step-{self.state.step:08d}":
+                    self._save()
                 final_valid = evaluate_split(self.model, self.valid_data, self.schema, self.ctx, bf16=self.cfg.bf16)
                 stop = "max_steps"
                 break
@@ -500,6 +501,8 @@ def train_from_data(
     from mtfm.train.models import build_model
 
     ctx = setup(cfg.device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed, cfg.deterministic)
     common = dict(rank=ctx.rank, world_size=ctx.world_size, prefetch=cfg.prefetch, scenarios=scenarios)
     train = BatchLoader(data_dir, "train", cfg.batch_size, shuffle=True, seed=cfg.seed, **common)
