@@ -90,16 +90,20 @@ def test_interrupted_write_leaves_the_previous_checkpoint_and_pointer_intact(tmp
     load_model_weights(mgr.latest(), Tied())
 
 
-def test_only_the_last_checkpoints_are_kept_and_the_best_snapshot_is_separate(tmp_path):
+def test_only_the_last_checkpoints_are_kept_and_snapshots_live_while_a_pointer_needs_them(tmp_path):
     model, opts = _trained(1)
     mgr = CheckpointManager(tmp_path, keep=2)
     for step in (1, 2, 3, 4):
         _save(mgr, step, model, opts)
-    mgr.save_best(step=2, model=model, config={"arch": "tied"}, info={"score": 0.7})
-    mgr.save_best(step=4, model=model, config={"arch": "tied"}, info={"score": 0.8})
-    names = sorted(p.name for p in mgr.root.iterdir() if p.is_dir())
-    assert names == ["best-00000004", "step-00000003", "step-00000004"]
-    assert json.loads((mgr.best() / "state.json").read_text()) == {"score": 0.8}
+    snap = lambda step, **pointers: mgr.save_snapshot(step=step, model=model, config={"arch": "tied"}, pointers=pointers)
+    snap(2, **{"best": {"score": 0.7}, "best-A": {"score": 0.6}})
+    snap(4, best={"score": 0.8})
+    dirs = lambda: sorted(p.name for p in mgr.root.iterdir() if p.is_dir())
+    assert dirs() == ["snapshot-00000002", "snapshot-00000004", "step-00000003", "step-00000004"]
+    assert mgr.snapshot("best-A").name == "snapshot-00000002" and mgr.best().name == "snapshot-00000004"
+    assert json.loads((mgr.best() / "best.info.json").read_text()) == {"score": 0.8}
+    snap(5, **{"best-A": {"score": 0.9}})  # nothing points at step 2 any more
+    assert dirs() == ["snapshot-00000004", "snapshot-00000005", "step-00000003", "step-00000004"]
 
 
 def test_saving_the_same_step_twice_replaces_it(tmp_path):

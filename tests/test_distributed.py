@@ -16,7 +16,8 @@ from train_fixtures import prepare_synthetic, write_tiny_model_yaml
 
 from mtfm.data.loader import BatchLoader
 from mtfm.data.store import read_manifest
-from mtfm.train.evaluate import compute_metrics, predict, run_checkpoint
+from mtfm.train.checkpoint import CheckpointManager
+from mtfm.train.evaluate import compute_metrics, predict
 from mtfm.train.models import model_from_checkpoint
 
 BATCH = 16
@@ -43,7 +44,7 @@ def test_two_ranks_with_unequal_shards_train_in_lockstep_and_gather_before_auc(t
     assert m["data"]["train_samples"] == read_manifest(data).splits["train"].samples  # both ranks' shards
 
     # Valid metrics = one process scoring every valid exposure with the same (best = last) weights.
-    model_, _, schema = model_from_checkpoint(run_checkpoint(run, "best"))
+    model_, _, schema = model_from_checkpoint(CheckpointManager(run).best())
     tasks = {s.name: s.task_names for s in schema.scenarios}
     single = compute_metrics(predict(model_, BatchLoader(data, "valid", 64, shuffle=False, seed=0).iterate(0),
                                      torch.device("cpu"), tasks), tasks)

@@ -40,7 +40,7 @@ def _interrupt_at(step: int):
 
 def _assert_same_run(a, b):
     assert a.state.history == b.state.history  # train loss and every valid metric, exactly
-    assert a.state.step == b.state.step and a.state.best_epoch == b.state.best_epoch
+    assert a.state.step == b.state.step and a.state.best == b.state.best
     for (k, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(x, y), k
 
@@ -119,3 +119,29 @@ def test_an_existing_run_is_not_overwritten_and_resume_refuses_changed_settings(
         _run(tmp_path, TrainConfig(epochs=1, **BASE))
     with pytest.raises(CheckpointError, match=r"\['lr'\]"):
         _run(tmp_path, TrainConfig(epochs=1, **{**BASE, "lr": 0.5}), resume=True)
+
+
+def test_each_scenario_keeps_its_own_best_epoch_and_training_runs_while_any_improves(tmp_path, monkeypatch):
+    # Scripted valid GAUCs: BIG peaks at epoch 1, SMALL at epoch 2, nothing gains at epoch 3.
+    script = iter([(0.70, 0.60), (0.65, 0.70), (0.60, 0.65), (0.9, 0.9)])
+
+    def fake_valid(*args, **kwargs):
+        big, small = next(script)
+        task = lambda g: {"gauc": g, "users_scored": 10}
+        return {"BIG": {"ctr": task(big), "ctcvr": task(big)}, "SMALL": {"ctr": task(small)}}
+
+    monkeypatch.setattr("mtfm.train.trainer.evaluate_split", fake_valid)
+    result = _run(tmp_path, TrainConfig(epochs=5, patience=1, **BASE))
+    m = result.metrics
+    assert m["status"] == "early_stopping" and m["epochs_completed"] == 3
+    assert {s: b["epoch"] for s, b in m["best_by_scenario"].items()} == {"BIG": 1, "SMALL": 2}
+    assert m["best"]["epoch"] == 1  # mean (0.70 * 20 + 0.60 * 10) / 30 beats (0.65 * 20 + 0.70 * 10) / 30
+
+    from mtfm.train.checkpoint import CheckpointManager
+    from mtfm.train.evaluate import scenario_checkpoints
+
+    chosen = scenario_checkpoints(tmp_path, "best")
+    assert chosen == {"BIG": tmp_path / "checkpoints" / "snapshot-00000015",
+                      "SMALL": tmp_path / "checkpoints" / "snapshot-00000030"}
+    assert set(scenario_checkpoints(tmp_path, "best-overall").values()) == {CheckpointManager(tmp_path).best()}
+    assert set(scenario_checkpoints(tmp_path, "last").values()) == {CheckpointManager(tmp_path).latest()}

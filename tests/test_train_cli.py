@@ -51,6 +51,17 @@ def test_train_then_evaluate_writes_checkpoints_metrics_and_the_eval_table(world
             assert m["oracle_auc"] == pytest.approx(manifest.oracle["test"][scenario][task]["auc"])
     assert "| SQS | ctr |" in printed and "oracle GAUC" in printed
 
+    # Scenarios scored from different checkpoints are merged in schema order: point SQS at the
+    # epoch-end training checkpoint (same weights as the snapshot after one epoch).
+    from mtfm.train.checkpoint import CheckpointManager, write_json
+    from mtfm.train.evaluate import evaluate_run
+
+    mgr = CheckpointManager(tmp_path / "run")
+    write_json(mgr.root / "best-SQS.json", {"checkpoint": mgr.latest().name})
+    merged, chosen = evaluate_run(tmp_path / "run", data, "test")
+    assert chosen["SQS"] == mgr.latest() and chosen["HP"] == mgr.best() != mgr.latest()
+    assert list(merged) == ["HP", "PHF", "SQS"] and merged == result
+
 
 def test_a_single_scenario_run_trains_and_scores_only_that_scenario(world, tmp_path):
     data, model = world

@@ -42,6 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=int, default=None, help="MTFM epochs (default 2; MovieLens 4)")
     budget.add_argument("--max-steps", type=int, default=None, help="MTFM optimizer steps instead of epochs")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a small machine shared with other jobs, more threads "
+                        "spin at OpenMP barriers and can make training several times slower)")
     p.add_argument("--no-baseline", action="store_true", help="skip the logistic-regression baseline")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     budget = {"max_steps": args.max_steps, "epochs": 1_000_000} if args.max_steps else {
         "epochs": args.epochs or defaults["epochs"]}
-    cfg = TrainConfig(lr=defaults["lr"], seed=args.seed, progress=not args.quiet, **budget)
+    cfg = TrainConfig(lr=defaults["lr"], seed=args.seed, progress=not args.quiet, threads=args.threads, **budget)
     t = _stage(f"train MTFM ({cfg.epochs if not args.max_steps else args.max_steps} "
                f"{'epochs' if not args.max_steps else 'steps'}, lr {cfg.lr}) -> {mtfm_run}")
     result = train_from_data(data, mtfm_run, arch="mtfm", model_config=model_config, cfg=cfg)
@@ -97,12 +100,12 @@ def run(args: argparse.Namespace) -> int:
     baseline = None
     if not args.no_baseline:
         t = _stage(f"train the logistic-regression baseline -> {lr_run}")
-        lr_cfg = TrainConfig(seed=args.seed, progress=not args.quiet, **LR_BASELINE)
+        lr_cfg = TrainConfig(seed=args.seed, progress=not args.quiet, threads=args.threads, **LR_BASELINE)
         _print_history(train_from_data(data, lr_run, arch="logistic", model_config={}, cfg=lr_cfg).metrics)
         timings["train_lr_s"] = time.perf_counter() - t
 
     t = _stage("evaluate on the test split")
-    metrics, ckpt = evaluate_run(mtfm_run, data, "test")
+    metrics, chosen = evaluate_run(mtfm_run, data, "test")
     write_json(mtfm_run / "eval_test.json", metrics)
     if not args.no_baseline:
         baseline, _ = evaluate_run(lr_run, data, "test")
@@ -110,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     timings["evaluate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
 
-    print(f"\nMTFM ({ckpt.name}) on the test split of {data}"
+    print("\nMTFM (" + ", ".join(f"{s} from {p.name}" for s, p in chosen.items()) + f") on the test split of {data}"
           + (", beside the logistic-regression baseline (LR)" if baseline else "")
           + (" and the oracle (true probabilities)" if manifest.oracle else "") + ":\n")
     print(format_table(metrics, baseline))

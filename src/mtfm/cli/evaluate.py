@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from mtfm.train.checkpoint import write_json
+from mtfm.train.evaluate import CHECKPOINT_CHOICES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +20,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run", metavar="RUN", required=True, help="run directory written by `mtfm train`")
     p.add_argument("--data", metavar="DIR", required=True, help="prepared data directory")
     p.add_argument("--split", default="test", help="split to score (default test)")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="default best")
+    p.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="best",
+                   help="best: each scenario from its own best epoch by valid GAUC (default); best-overall: the "
+                        "epoch with the best mean valid GAUC; last: the latest checkpoint")
     p.add_argument("--baseline", metavar="RUN", default=None,
                    help="another run (e.g. --arch logistic) to show beside, with the share of its gap to the oracle closed")
     p.add_argument("--batch-size", type=int, default=256)
@@ -29,14 +32,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from mtfm.train.evaluate import evaluate_run, format_table
 
-    metrics, ckpt = evaluate_run(args.run, args.data, args.split, checkpoint=args.checkpoint, batch_size=args.batch_size)
+    metrics, chosen = evaluate_run(args.run, args.data, args.split, checkpoint=args.checkpoint,
+                                   batch_size=args.batch_size)
     out = Path(args.run) / f"eval_{args.split}.json"
     write_json(out, metrics)
     baseline = None
     if args.baseline is not None:
-        baseline, _ = evaluate_run(args.baseline, args.data, args.split, batch_size=args.batch_size)
+        baseline, _ = evaluate_run(args.baseline, args.data, args.split, checkpoint=args.checkpoint,
+                                   batch_size=args.batch_size)
         write_json(Path(args.baseline) / f"eval_{args.split}.json", baseline)
-    print(f"{args.split} split of {args.data}, checkpoint {ckpt}:\n")
+    print(f"{args.split} split of {args.data}; checkpoints ({args.checkpoint}): "
+          + ", ".join(f"{s} <- {p.name}" for s, p in chosen.items()) + "\n")
     print(format_table(metrics, baseline))
     print(f"\nwrote {out}")
     return 0

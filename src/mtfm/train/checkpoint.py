@@ -11,7 +11,9 @@ A checkpoint is a directory, so a reader never sees half of one:
         state.json               training progress (epoch, batch, step, early stopping, ...)
         config.json              what is needed to rebuild the model (arch, model config, schema)
     RUN/checkpoints/latest.json  {"checkpoint": "step-00000120"}
-    RUN/checkpoints/best.json    {"checkpoint": "best-00000100"}  (model-only snapshot)
+    RUN/checkpoints/snapshot-00000100/  model.safetensors + config.json (model-only)
+    RUN/checkpoints/best.json    {"checkpoint": "snapshot-00000100"}  best by the mean valid GAUC
+    RUN/checkpoints/best-SQS.json  {"checkpoint": "snapshot-00000080"}  best for one scenario
 
 Everything is first written into a hidden temporary directory next to its final place and
 then renamed (``os.rename`` is atomic on one filesystem); pointer files are replaced with
@@ -39,7 +41,6 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 LATEST = "latest.json"
-BEST = "best.json"
 
 
 class CheckpointError(RuntimeError):
@@ -202,12 +203,12 @@ class CheckpointManager:
 
     def best(self) -> Path | None:
         """The best-by-validation model snapshot, or None if no epoch was evaluated yet."""
-        return self._pointer(BEST)
+        return self.snapshot("best")
 
     # ---- writing ----------------------------------------------------------------------------
 
-    def _publish(self, tmp: Path, name: str, pointer: str) -> Path:
-        """Rank 0: rename ``tmp`` to ``name`` and point ``pointer`` at it."""
+    def _publish(self, tmp: Path, name: str, pointer: str | None) -> Path:
+        """Rank 0: rename ``tmp`` to ``name`` and point ``pointer`` (if any) at it."""
         final = self.root / name
         old = None
         if final.exists():  # the same step saved twice (e.g. a resumed run): swap it out
@@ -215,7 +216,8 @@ class CheckpointManager:
             os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(self.root)
-        write_json(self.root / pointer, {"checkpoint": name})
+        if pointer is not None:
+            write_json(self.root / pointer, {"checkpoint": name})
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -262,21 +264,34 @@ class CheckpointManager:
         self.barrier()
         return final
 
-    def save_best(self, *, step: int, model: nn.Module, config: dict, info: dict) -> Path:
-        """A model-only snapshot (weights + config + why it is best), pointed to by best.json."""
-        name = f"best-{step:08d}"
+    def save_snapshot(self, *, step: int, model: nn.Module, config: dict, pointers: dict[str, dict]) -> Path:
+        """A model-only snapshot (weights + config) pointed to by every name in ``pointers``.
+
+        ``pointers`` maps a pointer name (``best``, ``best-HP``, ...) to why the snapshot is
+        that best (written beside it as ``<name>.info.json``). One snapshot serves every
+        pointer chosen at the same step; snapshots no pointer refers to any more are removed.
+        """
+        name = f"snapshot-{step:08d}"
         tmp = self._fresh_tmp(name)
         final = self.root / name
         if self.rank == 0:
             save_model(model, str(tmp / "model.safetensors"))
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            (tmp / "state.json").write_text(json.dumps(info, indent=2))
-            previous = self.best()
-            final = self._publish(tmp, name, BEST)
-            if previous is not None and previous != final:
-                shutil.rmtree(previous, ignore_errors=True)
+            for pointer, info in pointers.items():
+                (tmp / f"{pointer}.info.json").write_text(json.dumps(info, indent=2))
+            final = self._publish(tmp, name, None)
+            for pointer in pointers:
+                write_json(self.root / f"{pointer}.json", {"checkpoint": name})
+            referenced = {read_json(p)["checkpoint"] for p in self.root.glob("best*.json")}
+            for old in self.root.glob("snapshot-*"):
+                if old.is_dir() and old.name not in referenced:
+                    shutil.rmtree(old, ignore_errors=True)
         self.barrier()
         return final
+
+    def snapshot(self, pointer: str) -> Path | None:
+        """The snapshot a pointer (``best``, ``best-<scenario>``) refers to, or None."""
+        return self._pointer(f"{pointer}.json")
 
     def _prune(self) -> None:
         steps = sorted(p for p in self.root.glob("step-*") if p.is_dir())

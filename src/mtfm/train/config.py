@@ -23,9 +23,10 @@ class TrainConfig(BaseModel):
 
     ``epochs`` bounds the run; ``max_steps`` (optimizer steps, counted over the whole run)
     stops it earlier, possibly mid-epoch (a checkpoint is written there, so the run can be
-    resumed with a larger budget). Early stopping watches the valid GAUC of every
-    (scenario, task), averaged with weights = users scored (see ``evaluate.mean_gauc``),
-    evaluated at the end of each epoch.
+    resumed with a larger budget). At the end of each epoch the valid split is scored; the
+    mean GAUC over all (scenario, task) pairs (weighted by users scored, see
+    ``evaluate.mean_gauc``) selects the ``best`` snapshot, each scenario's own mean selects
+    ``best-<scenario>``, and early stopping waits for any of them to improve.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -49,7 +50,10 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = Field(default=1.0, gt=0, description="max global L2 norm of the gradients; None: off")
     bf16: bool = Field(default=False, description="bf16 autocast for forward and loss")
 
-    patience: int | None = Field(default=2, ge=1, description="epochs without valid-GAUC gain before stopping")
+    patience: int | None = Field(
+        default=2, ge=1,
+        description="epochs in which neither the mean valid GAUC nor any scenario's valid GAUC improved, before stopping",
+    )
     min_delta: float = Field(default=0.0, ge=0)
     checkpoint_every: int | None = Field(default=None, ge=1, description="also checkpoint every N steps mid-epoch")
     keep_checkpoints: int = Field(default=2, ge=1)

@@ -191,17 +191,30 @@ def format_table(metrics: Metrics, baseline: Metrics | None = None, baseline_nam
 # --------------------------------------------------------------------------------------------
 
 
-def run_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
-    """The checkpoint to score: ``best`` (by valid GAUC; the last one if no epoch ended) or ``last``."""
-    from mtfm.train.checkpoint import CheckpointManager
+CHECKPOINT_CHOICES = ("best", "best-overall", "last")
 
-    if which not in ("best", "last"):
-        raise ValueError(f"checkpoint must be 'best' or 'last', got {which!r}")
+
+def scenario_checkpoints(run_dir: str | Path, which: str = "best") -> dict[str, Path]:
+    """Which checkpoint scores each scenario of a run.
+
+    ``best``: each scenario's own best epoch by valid GAUC (``best-<scenario>``; the deployment
+    view, one subgraph per scenario); ``best-overall``: the epoch with the best mean valid GAUC
+    over all scenarios; ``last``: the latest training checkpoint. A run that never finished an
+    epoch has only ``last``, which every choice then falls back to.
+    """
+    from mtfm.train.checkpoint import CheckpointManager, read_checkpoint_config
+
+    if which not in CHECKPOINT_CHOICES:
+        raise ValueError(f"checkpoint must be one of {list(CHECKPOINT_CHOICES)}, got {which!r}")
     mgr = CheckpointManager(run_dir)
-    chosen = (mgr.best() if which == "best" else None) or mgr.latest()
-    if chosen is None:
+    latest = mgr.latest()
+    if latest is None:
         raise FileNotFoundError(f"{Path(run_dir) / 'checkpoints'}: no checkpoint (train with `mtfm train --out {run_dir}`)")
-    return chosen
+    scenarios = [s["name"] for s in read_checkpoint_config(latest)["schema"]["scenarios"]]
+    overall = (mgr.best() if which != "last" else None) or latest
+    if which != "best":
+        return {s: overall for s in scenarios}
+    return {s: mgr.snapshot(f"best-{s}") or overall for s in scenarios}
 
 
 def evaluate_run(
@@ -212,8 +225,8 @@ def evaluate_run(
     checkpoint: str = "best",
     batch_size: int = 256,
     device: str = "cpu",
-) -> tuple[Metrics, Path]:
-    """Metrics of a trained run on ``split`` of ``data_dir``; also returns the checkpoint used.
+) -> tuple[Metrics, dict[str, Path]]:
+    """Metrics of a trained run on ``split`` of ``data_dir``; also which checkpoint scored each scenario.
 
     Only the scenarios the model was trained on are read; the data's schema for them must be
     the one the model was built from (else the ids would mean other things).
@@ -222,15 +235,20 @@ def evaluate_run(
     from mtfm.train.distributed import choose_device
     from mtfm.train.models import model_from_checkpoint
 
-    ckpt = run_checkpoint(run_dir, checkpoint)
-    model, _, schema = model_from_checkpoint(ckpt)
-    loader = BatchLoader(data_dir, split, batch_size, shuffle=False, seed=0, scenarios=schema.scenario_names)
-    if loader.schema.model_dump() != schema.model_dump():
-        raise ValueError(
-            f"{data_dir}: its schema for {schema.scenario_names} differs from the one {ckpt} was trained on "
-            "(prepare the data with the same schema)"
-        )
+    chosen = scenario_checkpoints(run_dir, checkpoint)
+    groups: dict[Path, list[str]] = {}
+    for scenario, ckpt in chosen.items():
+        groups.setdefault(ckpt, []).append(scenario)
     dev = choose_device(device, 0)
-    names = {s.name: s.task_names for s in schema.scenarios}
-    preds = predict(model.to(dev), loader.iterate(0), dev, names)
-    return compute_metrics(preds, names), ckpt
+    metrics: Metrics = {}
+    for ckpt, names in groups.items():
+        model, _, schema = model_from_checkpoint(ckpt)
+        loader = BatchLoader(data_dir, split, batch_size, shuffle=False, seed=0, scenarios=names)
+        if loader.schema.model_dump() != schema.restrict(names).model_dump():
+            raise ValueError(
+                f"{data_dir}: its schema for {names} differs from the one {ckpt} was trained on "
+                "(prepare the data with the same schema)"
+            )
+        tasks = {s.name: s.task_names for s in loader.schema.scenarios}
+        metrics.update(compute_metrics(predict(model.to(dev), loader.iterate(0), dev, tasks), tasks))
+    return {s: metrics[s] for s in chosen}, chosen

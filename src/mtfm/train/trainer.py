@@ -58,9 +58,8 @@ class TrainState(BaseModel):
     epoch_loss_steps: int = 0
     epoch_padding_steps: int = 0
     padding_steps: int = 0  # this rank's, whole run
-    best_score: float | None = None
-    best_epoch: int | None = None
-    best_step: int | None = None
+    # pointer name ("best", "best-<scenario>") -> {"score", "epoch", "step"} of its snapshot
+    best: dict[str, dict] = Field(default_factory=dict)
     epochs_without_gain: int = 0
     history: list[dict] = Field(default_factory=list)
     stop_reason: str | None = None  # epochs | early_stopping | max_steps
@@ -351,22 +350,34 @@ class Trainer:
     # ---- epochs -----------------------------------------------------------------------------
 
     def _end_epoch(self) -> None:
-        """Evaluate, update early stopping and the best snapshot, reset the epoch sums."""
+        """Evaluate, update the best snapshots and early stopping, reset the epoch sums.
+
+        Selection is per scenario as well as overall: ``best-<S>`` is the epoch with scenario
+        S's best valid GAUC, ``best`` the epoch with the best mean over all scenarios. In a
+        multi-scenario run the big scenarios may start to overfit while a small one still
+        gains (it sees far fewer labels per epoch); each scenario is served by its own
+        subgraph (paper 3.1), so each can come from its own best epoch. Training stops once
+        ``patience`` epochs passed without any of these improving.
+        """
         st, cfg = self.state, self.cfg
         loss_sum, loss_steps, padding = all_sum_floats(
             self.ctx, [st.epoch_loss_sum, float(st.epoch_loss_steps), float(st.epoch_padding_steps)]
         )
         valid = evaluate_split(self.model, self.valid_data, self.schema, self.ctx, bf16=cfg.bf16)
-        score = mean_gauc(valid)
-        improved = score is not None and (st.best_score is None or score > st.best_score + cfg.min_delta)
+        scores = {"best": mean_gauc(valid), **{f"best-{s}": mean_gauc({s: valid[s]}) for s in valid}}
         st.history.append({
             "epoch": st.epoch + 1, "step": st.step, "train_loss": loss_sum / max(1.0, loss_steps),
-            "padding_steps": int(padding), "valid_mean_gauc": score, "valid": valid,
+            "padding_steps": int(padding), "valid_mean_gauc": scores["best"],
+            "valid_scenario_gauc": {s: scores[f"best-{s}"] for s in valid}, "valid": valid,
         })
+        improved = {}
+        for pointer, score in scores.items():
+            previous = st.best.get(pointer)
+            if score is not None and (previous is None or score > previous["score"] + cfg.min_delta):
+                st.best[pointer] = improved[pointer] = {"score": score, "epoch": st.epoch + 1, "step": st.step}
         if improved:
-            st.best_score, st.best_epoch, st.best_step, st.epochs_without_gain = score, st.epoch + 1, st.step, 0
-            self.ckpt.save_best(step=st.step, model=self.model, config=self.run_config,
-                                info={"epoch": st.epoch + 1, "step": st.step, "valid_mean_gauc": score})
+            st.epochs_without_gain = 0
+            self.ckpt.save_snapshot(step=st.step, model=self.model, config=self.run_config, pointers=improved)
         else:
             st.epochs_without_gain += 1
         st.epoch += 1
@@ -416,7 +427,8 @@ class Trainer:
         seen = dict(zip(("exposures", "tokens", "seconds", "steps"), all_sum_floats(
             self.ctx, [self.seen["exposures"], self.seen["tokens"], self.seen["seconds"], self.seen["steps"]])))
         seconds = seen["seconds"] / self.ctx.world_size  # ranks run side by side
-        best = next((h for h in st.history if h["epoch"] == st.best_epoch), None)
+        overall = st.best.get("best")
+        best = next((h for h in st.history if overall and h["epoch"] == overall["epoch"]), None)
         return {
             "status": st.stop_reason,
             "arch": self.run_config.get("arch"),
@@ -430,6 +442,7 @@ class Trainer:
             "padding_steps": int(all_sum_floats(self.ctx, [float(st.padding_steps)])[0]),
             "best": None if best is None else {"epoch": best["epoch"], "step": best["step"],
                                                "valid_mean_gauc": best["valid_mean_gauc"], "valid": best["valid"]},
+            "best_by_scenario": {s: st.best[f"best-{s}"] for s in self.schema.scenario_names if f"best-{s}" in st.best},
             "final_valid": final_valid,
             "history": st.history,
             "throughput": {
