@@ -15,7 +15,7 @@ Model FLOPs per step: ``mtfm.model.flops.count_flops(model, batch)["train_estima
 (3 x forward matmul FLOPs; element-wise work not counted). Achieved FLOP/s = their sum over
 the timed steps / the time.
 
-    python benchmarks/bench_train.py --users 2000 --steps 30 [--data DIR] [--json out.json]
+    python benchmarks/bench_train.py --users 2000 --steps 30 [--threads T] [--data DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -103,8 +103,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--matmul-n", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for every measurement (default: torch's)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="mtfm-bench-train-") as tmp:
         data = args.data

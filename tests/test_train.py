@@ -145,3 +145,17 @@ def test_each_scenario_keeps_its_own_best_epoch_and_training_runs_while_any_impr
                       "SMALL": tmp_path / "checkpoints" / "snapshot-00000030"}
     assert set(scenario_checkpoints(tmp_path, "best-overall").values()) == {CheckpointManager(tmp_path).best()}
     assert set(scenario_checkpoints(tmp_path, "last").values()) == {CheckpointManager(tmp_path).latest()}
+
+
+def test_cpu_threads_leave_a_core_to_the_loader_unless_told_otherwise(monkeypatch):
+    from mtfm.train.config import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert cpu_threads(TrainConfig()) == 7
+    assert cpu_threads(TrainConfig(threads=3)) == 3
+    assert cpu_threads(TrainConfig(prefetch=0)) is None  # no loader thread: torch's default
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert cpu_threads(TrainConfig()) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # e.g. set by torchrun for each rank
+    assert cpu_threads(TrainConfig()) is None

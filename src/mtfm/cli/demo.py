@@ -42,9 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=int, default=None, help="MTFM epochs (default 2; MovieLens 4)")
     budget.add_argument("--max-steps", type=int, default=None, help="MTFM optimizer steps instead of epochs")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: on a small machine shared with other jobs, more threads "
-                        "spin at OpenMP barriers and can make training several times slower)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: one core less than the machine has, for the loader)")
     p.add_argument("--no-baseline", action="store_true", help="skip the logistic-regression baseline")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

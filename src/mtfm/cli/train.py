@@ -45,7 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default auto")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: one per core; 1 is faster on a machine shared with other jobs)")
+                   help="torch CPU threads (default: $OMP_NUM_THREADS, else one core less than the machine has, "
+                        "so the loader's prefetch thread keeps a core)")
     p.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

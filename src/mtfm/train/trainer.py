@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from mtfm.config import DataSchema
 from mtfm.data.batch import JaggedBatch
 from mtfm.train.checkpoint import CheckpointError, CheckpointManager, read_json, write_json
-from mtfm.train.config import TrainConfig, resume_mismatches
+from mtfm.train.config import TrainConfig, cpu_threads, resume_mismatches
 from mtfm.train.distributed import DistContext, all_max_int, all_sum_floats, same_on_all_ranks
 from mtfm.train.evaluate import Metrics, compute_metrics, gather_predictions, mean_gauc, predict
 
@@ -514,8 +514,9 @@ def train_from_data(
     from mtfm.train.models import build_model
 
     ctx = setup(cfg.device)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    threads = cpu_threads(cfg)
+    if threads is not None and ctx.device.type == "cpu":
+        torch.set_num_threads(threads)
     seed_everything(cfg.seed, cfg.deterministic)
     common = dict(rank=ctx.rank, world_size=ctx.world_size, prefetch=cfg.prefetch, scenarios=scenarios)
     train = BatchLoader(data_dir, "train", cfg.batch_size, shuffle=True, seed=cfg.seed, **common)
