@@ -2,9 +2,10 @@
 
 Both are measured in the same run, side by side, so the ratio holds on a shared machine:
 
-1. fp32 matmul rate: ``torch.mm`` of two n x n float32 matrices, repeated; best of several
-   rounds, taken before and after the training measurement (the lower of the two bests is
-   the reference, so a quieter moment does not flatter the ratio).
+1. fp32 matmul rate of the whole CPU: ``torch.mm`` of two n x n float32 matrices on every
+   core, repeated; best of several rounds, taken before and after the training measurement
+   (the lower of the two bests is the reference, so a quieter moment does not flatter the
+   ratio).
 2. Training steps of the real trainer (``Trainer.train_step``: forward, loss, backward, grad
    clipping, Adam) on batches of the prepared data already in memory, so the figure is the
    model's, not the loader's.
@@ -35,14 +36,23 @@ from mtfm.data.loader import BatchLoader
 from mtfm.data.sources.synthetic import load_source
 from mtfm.model.config import load_model_config
 from mtfm.model.flops import count_flops, count_parameters
-from mtfm.train.config import TrainConfig
+from mtfm.train.config import TrainConfig, cpu_threads
 from mtfm.train.distributed import DistContext
 from mtfm.train.models import build_model
 from mtfm.train.trainer import Trainer, fit, seed_everything
 
 
 def matmul_gflops(n: int = 1024, rounds: int = 5, reps: int = 8) -> float:
-    """Best-of-``rounds`` fp32 GFLOP/s of an n x n matmul (2 n^3 FLOPs each)."""
+    """Best-of-``rounds`` fp32 GFLOP/s of an n x n matmul (2 n^3 FLOPs each) on every core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        return _matmul_best(n, rounds, reps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _matmul_best(n: int, rounds: int, reps: int) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)  # warm-up
     best = 0.0
@@ -103,11 +113,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--matmul-n", type=int, default=1024)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for every measurement (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for training (default: what `mtfm train` uses, one core less than the "
+                        "machine); the matmul reference always uses every core")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or cpu_threads(TrainConfig()) or torch.get_num_threads()
+    torch.set_num_threads(threads)
 
     with tempfile.TemporaryDirectory(prefix="mtfm-bench-train-") as tmp:
         data = args.data
