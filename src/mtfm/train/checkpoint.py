@@ -208,7 +208,10 @@ class CheckpointManager:
     # ---- writing ----------------------------------------------------------------------------
 
     def _publish(self, tmp: Path, name: str, pointer: str | None) -> Path:
-        """Rank 0: rename ``tmp`` to ``name`` and point ``pointer`` (if any) at it."""
+        """Rank 0: flush ``tmp``'s files, rename it to ``name``, point ``pointer`` (if any) at it."""
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
         final = self.root / name
         old = None
         if final.exists():  # the same step saved twice (e.g. a resumed run): swap it out
@@ -256,9 +259,6 @@ class CheckpointManager:
         self.barrier()
         final = self.root / name
         if self.rank == 0:
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
             final = self._publish(tmp, name, LATEST)
             self._prune()
         self.barrier()
