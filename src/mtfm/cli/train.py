@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     best = m["best"]
     summary = {"status": m["status"], "steps": m["steps"], "epochs_completed": m["epochs_completed"],
                "best_epoch": best and best["epoch"], "best_valid_mean_gauc": best and best["valid_mean_gauc"],
+               "best_epoch_by_scenario": {s: b["epoch"] for s, b in m["best_by_scenario"].items()},
                "exposures_per_s": m["throughput"]["exposures_per_s"], "tokens_per_s": m["throughput"]["tokens_per_s"]}
     print(json.dumps(summary))
     print(f"wrote {args.out}/metrics.json")
