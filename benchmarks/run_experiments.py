@@ -13,11 +13,12 @@ by seed) with a one-sided 95% t-bound, so "multi wins beyond seed noise" is a st
 the lower bound of the paired difference is above zero. Training throughput of every run is
 summarised too.
 
-The data is prepared once (synthetic: the default world of ``--users`` users, world seed 0;
-MovieLens-100K: the real data); seeds vary initialisation, shuffling and dropout. Finished runs
+The data is prepared once (synthetic: the default world of ``--users`` users, world seed 0,
+optionally with more of its last days held out for valid / test; MovieLens-100K: the real
+data); seeds vary initialisation, shuffling and dropout. Finished runs
 (those with an ``eval_test.json``) are reused, so an interrupted campaign continues.
 
-    python benchmarks/run_experiments.py --dataset synthetic --users 3000 --out runs/exp/synthetic
+    python benchmarks/run_experiments.py --dataset synthetic --users 6000 --valid-days 2 --test-days 3 --out runs/exp/synthetic
     python benchmarks/run_experiments.py --dataset movielens --out runs/exp/movielens
 """
 
@@ -33,7 +34,9 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from mtfm.config import DataSchema, SplitSpec
 from mtfm.data.aggregate import prepare
+from mtfm.data.sources.synthetic import load_packaged_schema
 from mtfm.data.store import read_manifest
 from mtfm.model.config import load_model_config
 from mtfm.train.checkpoint import write_json
@@ -42,12 +45,27 @@ from mtfm.train.evaluate import evaluate_run, gap_closed
 from mtfm.train.trainer import train_from_data
 
 
+DAY = 86_400
+
+
+def _synthetic_schema(valid_days: int, test_days: int) -> DataSchema:
+    """The default world's schema with the last ``test_days`` days as test, the ``valid_days``
+    before them as valid (the packaged schema: one day each)."""
+    schema = load_packaged_schema()
+    end = schema.split.test_start + DAY  # the packaged split makes the last exposure day the test day
+    test_start = end - test_days * DAY
+    return schema.model_copy(update={"split": SplitSpec(valid_start=test_start - valid_days * DAY, test_start=test_start)})
+
+
 def _prepare(args: argparse.Namespace, data: Path) -> None:
     if (data / "manifest.json").is_file():
         return
     source = importlib.import_module(f"mtfm.data.sources.{args.dataset}")
-    users = args.users if args.dataset == "synthetic" else None
-    prepare(source.load_source(args.path, None, users, 0), data)
+    if args.dataset == "synthetic":
+        raw = source.load_source(None, _synthetic_schema(args.valid_days, args.test_days), args.users, 0)
+    else:
+        raw = source.load_source(args.path, None, None, 0)
+    prepare(raw, data)
 
 
 def _train_and_evaluate(args: argparse.Namespace, data: Path, run: Path, arch: str, seed: int,
@@ -168,6 +186,10 @@ def main() -> None:
     p.add_argument("--dataset", choices=("synthetic", "movielens"), default="synthetic")
     p.add_argument("--path", default=None, help="MovieLens-100K directory (default: the source's)")
     p.add_argument("--users", type=int, default=3000, help="synthetic users (world seed 0)")
+    p.add_argument("--valid-days", type=int, default=1, help="synthetic: exposure days in the valid split (schema: 1)")
+    p.add_argument("--test-days", type=int, default=1,
+                   help="synthetic: last exposure days in the test split (schema: 1); more days give the small "
+                        "scenario more test positives for the same training cost")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", required=True, help="directory for the data, the runs and the report")
     p.add_argument("--model", default="small", help="MTFM model config or preset")
@@ -195,7 +217,8 @@ def main() -> None:
             arch = "logistic" if kind == "lr" else "mtfm"
             only = [kind[len("single-"):]] if kind.startswith("single-") else None
             results[kind][seed] = _train_and_evaluate(args, data, out / f"seed{seed}" / kind, arch, seed, only)
-    title = f"{args.dataset}" + (f" ({args.users} users, world seed 0)" if args.dataset == "synthetic" else "")
+    title = f"{args.dataset}" + (f" ({args.users} users, world seed 0; valid: {args.valid_days} day(s), test: the last "
+                                 f"{args.test_days} day(s))" if args.dataset == "synthetic" else "")
     text, summary = report(results, scenarios, tasks, args.seeds, title)
     summary["config"] = vars(args)
     summary["wall_seconds"] = time.perf_counter() - t0
