@@ -106,6 +106,7 @@ def test_gap_closed_is_the_share_of_the_baseline_to_oracle_distance():
     assert gap_closed(0.75, 0.70, 0.80) == pytest.approx(0.5)
     assert gap_closed(0.70, 0.70, 0.80) == 0.0
     assert gap_closed(0.7, None, 0.8) is None and gap_closed(0.7, 0.8, 0.8) is None
+    assert gap_closed(0.9, 1.0, 0.95) is None  # the baseline beat the oracle by chance: no gap to close
 
 
 def test_the_early_stopping_score_weights_each_task_gauc_by_its_scored_users():

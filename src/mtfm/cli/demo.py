@@ -21,7 +21,7 @@ MARKER = ".mtfm-demo"  # only a directory holding this is ever cleared by the de
 
 # Chosen so that the synthetic demo takes about 3-5 minutes on 2 CPU cores.
 DEFAULTS = {
-    "synthetic": {"users": 2000, "epochs": 2, "lr": 1e-3},
+    "synthetic": {"users": 4000, "epochs": 2, "lr": 1e-3},
     "movielens": {"users": None, "epochs": 4, "lr": 1e-3},
 }
 LR_BASELINE = {"lr": 1e-2, "epochs": 4}
@@ -35,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="synthetic world (default; has the oracle ceiling) or MovieLens-100K")
     p.add_argument("--path", metavar="P", default=None,
                    help="MovieLens-100K directory (default ../shared/data/movielens-100k or $MTFM_MOVIELENS_PATH)")
-    p.add_argument("--users", metavar="N", type=int, default=None, help="synthetic users (default 2000)")
+    p.add_argument("--users", metavar="N", type=int, default=None, help="synthetic users (default 4000)")
     p.add_argument("--seed", metavar="S", type=int, default=0, help="seed of the world and of training")
     p.add_argument("--out", metavar="DIR", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--model", metavar="YAML", default="small", help="MTFM model config or preset (default small)")

@@ -148,8 +148,12 @@ def mean_gauc(metrics: Metrics) -> float | None:
 
 
 def gap_closed(model: float | None, baseline: float | None, oracle: float | None) -> float | None:
-    """Fraction of the baseline -> oracle gap the model closes (1 = reaches the oracle)."""
-    if model is None or baseline is None or oracle is None or oracle == baseline:
+    """Fraction of the baseline -> oracle gap the model closes (1 = reaches the oracle).
+
+    None when undefined: a value is missing, or the baseline already scores at or above the
+    oracle on these exposures (possible by chance when a task has a handful of positives).
+    """
+    if model is None or baseline is None or oracle is None or oracle <= baseline:
         return None
     return (model - baseline) / (oracle - baseline)
 
