@@ -11,6 +11,7 @@ from train_fixtures import TinyRanker, make_split, tiny_schema
 
 from mtfm.metrics import auc, task_metrics
 from mtfm.train.evaluate import (
+    MIN_POSITIVES_FOR_GAP,
     ScenarioPredictions,
     compute_metrics,
     format_table,
@@ -93,13 +94,22 @@ def test_table_shows_the_oracle_the_baseline_and_the_gap_closed():
     metrics = compute_metrics(preds, TASKS)
     baseline = json.loads(json.dumps(metrics))
     baseline["BIG"]["ctr"]["gauc"] = metrics["BIG"]["ctr"]["gauc"] - 0.1
-    table = format_table(metrics, baseline)
+    table = format_table(metrics, baseline, min_positives_for_gap=1)
     lines = table.splitlines()
     assert "oracle AUC" in lines[0] and "LR GAUC" in lines[0] and "GAUC gap closed" in lines[0]
     assert len(lines) == 2 + sum(len(t) for t in TASKS.values())
     big_ctr = next(line for line in lines if line.startswith("| BIG | ctr |"))
     expected = gap_closed(metrics["BIG"]["ctr"]["gauc"], baseline["BIG"]["ctr"]["gauc"], metrics["BIG"]["ctr"]["oracle_gauc"])
     assert f"{100 * expected:.0f}%" in big_ctr
+
+
+def test_gap_closed_is_not_shown_for_a_task_with_a_handful_of_positives():
+    _, preds = _preds()
+    metrics = compute_metrics(preds, TASKS)
+    baseline = json.loads(json.dumps(metrics))
+    assert metrics["BIG"]["ctr"]["positives"] < MIN_POSITIVES_FOR_GAP
+    big_ctr = next(line for line in format_table(metrics, baseline).splitlines() if line.startswith("| BIG | ctr |"))
+    assert f"n/a (<{MIN_POSITIVES_FOR_GAP} pos.)" in big_ctr and "%" not in big_ctr
 
 
 def test_gap_closed_is_the_share_of_the_baseline_to_oracle_distance():

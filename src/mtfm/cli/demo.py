@@ -2,7 +2,7 @@
 
 generate (or read MovieLens) -> ``mtfm prepare`` -> train MTFM -> train the logistic-regression
 baseline -> evaluate both on the test split -> print the per-scenario table beside the oracle
-ceiling, with the share of the LR -> oracle GAUC gap that MTFM closes. Every step is a library
+ceiling, with the share of the LR -> oracle AUC and GAUC gaps that MTFM closes. Every step is a library
 call that the separate subcommands also make.
 """
 

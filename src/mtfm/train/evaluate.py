@@ -158,12 +158,30 @@ def gap_closed(model: float | None, baseline: float | None, oracle: float | None
     return (model - baseline) / (oracle - baseline)
 
 
+MIN_POSITIVES_FOR_GAP = 50
+"""Below this many positives the gap-closed column says so instead of a percentage: with a
+handful of positives AUC moves by several points between seeds and (model - LR) / (oracle -
+LR) can land anywhere (200 % was seen on a task with 4 positives)."""
+
+
+def _gap_cell(model: float | None, baseline: float | None, oracle: float | None, positives: int, least: int) -> str:
+    if positives < least:
+        return f"n/a (<{least} pos.)"
+    closed = gap_closed(model, baseline, oracle)
+    return "-" if closed is None else f"{100 * closed:.0f}%"
+
+
 def _fmt(x: float | None, digits: int = 4) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def format_table(metrics: Metrics, baseline: Metrics | None = None, baseline_name: str = "LR") -> str:
-    """Markdown table, one row per scenario x task; oracle and baseline columns when known."""
+def format_table(metrics: Metrics, baseline: Metrics | None = None, baseline_name: str = "LR",
+                 min_positives_for_gap: int = MIN_POSITIVES_FOR_GAP) -> str:
+    """Markdown table, one row per scenario x task; oracle and baseline columns when known.
+
+    With both a baseline and the oracle, the share of the baseline -> oracle gap the model
+    closes, for AUC and GAUC (only where the task has ``min_positives_for_gap`` positives).
+    """
     has_oracle = any("oracle_auc" in m for tasks in metrics.values() for m in tasks.values())
     head = ["scenario", "task", "exposures", "positives", "AUC", "GAUC", "logloss"]
     if baseline is not None:
@@ -171,7 +189,7 @@ def format_table(metrics: Metrics, baseline: Metrics | None = None, baseline_nam
     if has_oracle:
         head += ["oracle AUC", "oracle GAUC"]
     if baseline is not None and has_oracle:
-        head += ["GAUC gap closed"]
+        head += ["AUC gap closed", "GAUC gap closed"]
     head += ["users skipped (1 class)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for scenario, tasks in metrics.items():
@@ -183,8 +201,8 @@ def format_table(metrics: Metrics, baseline: Metrics | None = None, baseline_nam
             if has_oracle:
                 row += [_fmt(m.get("oracle_auc")), _fmt(m.get("oracle_gauc"))]
             if baseline is not None and has_oracle:
-                closed = gap_closed(m["gauc"], b and b["gauc"], m.get("oracle_gauc"))
-                row += ["-" if closed is None else f"{100 * closed:.0f}%"]
+                row += [_gap_cell(m[k], b and b[k], m.get(f"oracle_{k}"), m["positives"], min_positives_for_gap)
+                        for k in ("auc", "gauc")]
             row.append(f"{m['users_skipped_single_class']} of {m['users_scored'] + m['users_skipped_single_class']}")
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
