@@ -225,10 +225,12 @@ def test_model_accepts_batches_with_a_subset_of_scenarios_or_empty_ones():
     assert single(restrict_batch(batch, ["coupon"])).logits["coupon"].shape == (batch.scenarios["coupon"].num_rows, 2)
 
 
-def test_loss_is_the_sum_over_tasks_of_the_mean_bce_over_observed_labels():
-    model = _model(tiny_config(), 0)
+@pytest.mark.parametrize("weighting", ["exposure", "task_mean"])
+def test_loss_is_the_sum_over_tasks_of_the_bce_over_observed_labels_normalised_as_configured(weighting):
+    model = _model(tiny_config(loss_weighting=weighting), 0)
     batch = random_batch(SCHEMA, 6, seed=8)
     out = model(batch)
+    exposures = sum(sc.num_rows for sc in batch.scenarios.values())
     expected = torch.zeros(())
     for name, sc in batch.scenarios.items():
         for j in range(sc.labels.shape[1]):
@@ -236,12 +238,27 @@ def test_loss_is_the_sum_over_tasks_of_the_mean_bce_over_observed_labels():
             if seen.any():
                 p = torch.sigmoid(out.logits[name][seen, j])
                 y = sc.labels[seen, j]
-                expected = expected + (-(y * p.log() + (1 - y) * (1 - p).log())).mean()
+                bce = -(y * p.log() + (1 - y) * (1 - p).log())
+                expected = expected + (bce.sum() / exposures if weighting == "exposure" else bce.mean())
     torch.testing.assert_close(model.loss(batch, out), expected, rtol=1e-5, atol=1e-6)
     # Unobserved labels do not matter, whatever their value.
     flipped = {n: dataclasses.replace(sc, labels=torch.where(sc.label_mask, sc.labels, 1 - sc.labels))
                for n, sc in batch.scenarios.items()}
     torch.testing.assert_close(model.loss(dataclasses.replace(batch, scenarios=flipped), out), model.loss(batch, out))
+
+
+def test_both_loss_weightings_agree_on_a_single_scenario_batch_with_every_label_observed():
+    batch = restrict_batch(random_batch(SCHEMA, 5, seed=10), ["food"])
+    sc = batch.scenarios["food"]
+    batch = dataclasses.replace(batch, scenarios={"food": dataclasses.replace(sc, label_mask=torch.ones_like(sc.label_mask))})
+    by_exposure = _model(tiny_config(loss_weighting="exposure"), 0)
+    by_task = _model(tiny_config(loss_weighting="task_mean"), 0)
+    out = by_exposure(batch)
+    torch.testing.assert_close(by_exposure.loss(batch, out), by_task.loss(batch, out), rtol=1e-6, atol=1e-7)
+    # With several scenarios they differ: the small scenario's tasks weigh less per task under "exposure".
+    full = random_batch(SCHEMA, 6, seed=8)
+    out = by_exposure(full)
+    assert not torch.allclose(by_exposure.loss(full, out), by_task.loss(full, out))
 
 
 def test_bad_batches_fail_with_messages_naming_field_feature_and_row():

@@ -100,6 +100,15 @@ class ModelConfig(BaseModel):
     mmoe_expert_dim: int = Field(default=64, gt=0, description="output width of each shared expert")
     mmoe_tower_hidden: list[int] = Field(default_factory=lambda: [32])
 
+    # ---- loss --------------------------------------------------------------------------------
+    loss_weighting: Literal["exposure", "task_mean"] = Field(
+        default="exposure",
+        description="exposure: each (scenario, task) adds its summed BCE over observed labels divided by the "
+        "batch's exposures (of all scenarios), so every labelled exposure weighs the same whatever its scenario; "
+        "task_mean: each (scenario, task) adds its mean BCE, so a scenario with 1/8 of the exposures weighs as much "
+        "as the largest per task. Equal on a single-scenario batch with every label observed",
+    )
+
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
         if self.num_heads % self.num_kv_groups != 0:

@@ -160,10 +160,12 @@ class MTFMBase(nn.Module):
     # ---- loss ------------------------------------------------------------------------------
 
     def loss_terms(self, batch: JaggedBatch, out: ModelOutput) -> dict[str, Tensor]:
-        """``"scenario/task"`` -> mean BCE over that task's observed labels in the batch.
+        """``"scenario/task"`` -> that task's term of :meth:`loss` (see there for the weighting).
 
         (scenario, task) pairs without any observed label in the batch are absent.
         """
+        by_exposure = self.config.loss_weighting == "exposure"
+        exposures = sum(s.num_rows for s in batch.scenarios.values())
         terms: dict[str, Tensor] = {}
         for name, scenario in batch.scenarios.items():
             tasks = self.schema.scenario(name).task_names
@@ -177,19 +179,26 @@ class MTFMBase(nn.Module):
             for j, task in enumerate(tasks):
                 observed = scenario.label_mask[:, j]
                 if bool(observed.any()):
-                    terms[f"{name}/{task}"] = F.binary_cross_entropy_with_logits(
-                        logits[observed, j], scenario.labels[observed, j].float()
+                    bce = F.binary_cross_entropy_with_logits(
+                        logits[observed, j], scenario.labels[observed, j].float(), reduction="sum" if by_exposure else "mean"
                     )
+                    terms[f"{name}/{task}"] = bce / exposures if by_exposure else bce
         return terms
 
     def loss(self, batch: JaggedBatch, out: ModelOutput) -> Tensor:
-        """Sum over (scenario, task) of the mean BCE over that task's observed labels.
+        """Sum over (scenario, task) of the BCE over that task's observed labels, normalised.
 
-        Normalisation: each (scenario, task) with at least one observed label in the batch
-        contributes its *mean* BCE, so every task weighs the same whatever its exposure count;
-        the sum (not the mean) over tasks keeps each task's gradient scale independent of how
-        many tasks the batch happens to hold. A batch without any observed label gives a zero
-        that is still connected to the graph (backward runs, every gradient is zero).
+        ``config.loss_weighting`` chooses the normalisation. ``exposure`` (default): each term
+        is the task's summed BCE divided by the number of exposures in the batch (all
+        scenarios), so every labelled exposure weighs the same: a scenario with 1/8 of the
+        exposures steers the shared layers with 1/8 of the weight, as in one joint likelihood.
+        ``task_mean``: each term is the task's mean BCE, so every (scenario, task) weighs the
+        same whatever its exposure count (measured on the synthetic world: the small scenario's
+        few noisy labels then dominate the shared layers and the large scenarios lose accuracy
+        against single-scenario training; BENCHMARKS.md). Either way the sum (not the mean)
+        over tasks keeps each task's gradient scale independent of how many tasks the batch
+        holds. A batch without any observed label gives a zero that is still connected to the
+        graph (backward runs, every gradient is zero).
         """
         terms = self.loss_terms(batch, out)
         if terms:
