@@ -17,12 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from mtfm.config import CategoricalFeature, DataSchema, MultiCategoricalFeature, NumericFeature, ScenarioSpec
 from mtfm.data.batch import FeatureTensors, JaggedBatch
+from mtfm.model.loss import masked_bce_loss
 
 
 class LogisticConfig(BaseModel):
@@ -93,14 +93,6 @@ class LogisticRegression(nn.Module):
         return LogisticOutput(logits)
 
     def loss(self, batch: JaggedBatch, out: LogisticOutput) -> Tensor:
-        """Sum over scenario x task of the mean BCE over the exposures whose label is observed."""
-        total = torch.zeros((), device=batch.user_ids.device)
-        for name, sb in batch.scenarios.items():
-            mask = sb.label_mask.bool()
-            for t in range(mask.shape[1]):
-                rows = mask[:, t]
-                if rows.any():
-                    total = total + F.binary_cross_entropy_with_logits(
-                        out.logits[name][rows, t].float(), sb.labels[rows, t].float()
-                    )
-        return total
+        """Sum over scenario x task of the mean BCE over observed labels (``task_mean``: the
+        scenarios share no parameter, so the cross-scenario weighting does not matter here)."""
+        return masked_bce_loss(self.schema, batch, out.logits, "task_mean")

@@ -22,6 +22,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mtfm.model.loss import LossWeighting
+
 AttentionBackend = Literal["reference", "jagged"]
 
 
@@ -101,7 +103,7 @@ class ModelConfig(BaseModel):
     mmoe_tower_hidden: list[int] = Field(default_factory=lambda: [32])
 
     # ---- loss --------------------------------------------------------------------------------
-    loss_weighting: Literal["exposure", "task_mean"] = Field(
+    loss_weighting: LossWeighting = Field(
         default="exposure",
         description="exposure: each (scenario, task) adds its summed BCE over observed labels divided by the "
         "batch's exposures (of all scenarios), so every labelled exposure weighs the same whatever its scenario; "

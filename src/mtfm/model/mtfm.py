@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtfm.config import DataSchema
@@ -34,6 +33,7 @@ from mtfm.kernels import AttentionLayout
 from mtfm.model.config import ModelConfig
 from mtfm.model.embedding import FeatureEmbeddings, check_columns, describe_field
 from mtfm.model.heads import MMoE
+from mtfm.model.loss import masked_bce_loss, masked_bce_terms
 from mtfm.model.hta import HTAStack, TokenGroups
 from mtfm.model.layers import MLP, GroupLayerNorm
 
@@ -160,52 +160,14 @@ class MTFMBase(nn.Module):
     # ---- loss ------------------------------------------------------------------------------
 
     def loss_terms(self, batch: JaggedBatch, out: ModelOutput) -> dict[str, Tensor]:
-        """``"scenario/task"`` -> that task's term of :meth:`loss` (see there for the weighting).
-
-        (scenario, task) pairs without any observed label in the batch are absent.
-        """
-        by_exposure = self.config.loss_weighting == "exposure"
-        exposures = sum(s.num_rows for s in batch.scenarios.values())
-        terms: dict[str, Tensor] = {}
-        for name, scenario in batch.scenarios.items():
-            tasks = self.schema.scenario(name).task_names
-            logits = out.logits[name]
-            if scenario.labels.shape != logits.shape or scenario.label_mask.shape != logits.shape:
-                raise ValueError(
-                    f"scenario {name!r}: labels {tuple(scenario.labels.shape)} / label_mask "
-                    f"{tuple(scenario.label_mask.shape)} do not match logits {tuple(logits.shape)} "
-                    f"(rows x tasks {tasks})"
-                )
-            for j, task in enumerate(tasks):
-                observed = scenario.label_mask[:, j]
-                if bool(observed.any()):
-                    bce = F.binary_cross_entropy_with_logits(
-                        logits[observed, j], scenario.labels[observed, j].float(), reduction="sum" if by_exposure else "mean"
-                    )
-                    terms[f"{name}/{task}"] = bce / exposures if by_exposure else bce
-        return terms
+        """``"scenario/task"`` -> that task's term of :meth:`loss`; tasks without an observed label are absent."""
+        return masked_bce_terms(self.schema, batch, out.logits, self.config.loss_weighting)
 
     def loss(self, batch: JaggedBatch, out: ModelOutput) -> Tensor:
-        """Sum over (scenario, task) of the BCE over that task's observed labels, normalised.
-
-        ``config.loss_weighting`` chooses the normalisation. ``exposure`` (default): each term
-        is the task's summed BCE divided by the number of exposures in the batch (all
-        scenarios), so every labelled exposure weighs the same: a scenario with 1/8 of the
-        exposures steers the shared layers with 1/8 of the weight, as in one joint likelihood.
-        ``task_mean``: each term is the task's mean BCE, so every (scenario, task) weighs the
-        same whatever its exposure count (measured on the synthetic world: the small scenario's
-        few noisy labels then dominate the shared layers and the large scenarios lose accuracy
-        against single-scenario training; BENCHMARKS.md). Either way the sum (not the mean)
-        over tasks keeps each task's gradient scale independent of how many tasks the batch
-        holds. A batch without any observed label gives a zero that is still connected to the
-        graph (backward runs, every gradient is zero).
-        """
-        terms = self.loss_terms(batch, out)
-        if terms:
-            return torch.stack(list(terms.values())).sum()
-        if out.logits:
-            return torch.stack([t.sum() for t in out.logits.values()]).sum() * 0.0
-        return torch.zeros((), device=batch.layout.group_ids.device)
+        """Sum over (scenario, task) of the BCE over observed labels, normalised by
+        ``config.loss_weighting`` (default ``exposure``: every labelled exposure weighs the same,
+        whatever its scenario); see :mod:`mtfm.model.loss`."""
+        return masked_bce_loss(self.schema, batch, out.logits, self.config.loss_weighting)
 
 
 def _check_layout(batch: JaggedBatch, batch_groups: list[str]) -> None:
