@@ -105,10 +105,8 @@ class ModelConfig(BaseModel):
     # ---- loss --------------------------------------------------------------------------------
     loss_weighting: LossWeighting = Field(
         default="exposure",
-        description="exposure: each (scenario, task) adds its summed BCE over observed labels divided by the "
-        "batch's exposures (of all scenarios), so every labelled exposure weighs the same whatever its scenario; "
-        "task_mean: each (scenario, task) adds its mean BCE, so a scenario with 1/8 of the exposures weighs as much "
-        "as the largest per task. Equal on a single-scenario batch with every label observed",
+        description="exposure: every labelled exposure weighs the same whatever its scenario (summed BCE / the "
+        "batch's exposures); task_mean: every (scenario, task) adds its mean BCE. See mtfm.model.loss",
     )
 
     @model_validator(mode="after")

@@ -33,9 +33,9 @@ from mtfm.kernels import AttentionLayout
 from mtfm.model.config import ModelConfig
 from mtfm.model.embedding import FeatureEmbeddings, check_columns, describe_field
 from mtfm.model.heads import MMoE
-from mtfm.model.loss import masked_bce_loss, masked_bce_terms
 from mtfm.model.hta import HTAStack, TokenGroups
 from mtfm.model.layers import MLP, GroupLayerNorm
+from mtfm.model.loss import masked_bce_loss, masked_bce_terms
 
 _PARTS = ("user", "cross", "item")
 
