@@ -153,11 +153,16 @@ def reference_samples(raw: RawTables) -> dict[tuple[int, int], dict]:
         for rows in sample["T"].values():
             rows.sort(key=lambda r: (r["ts"], r["_row"]))
     for (user, start), sample in out.items():
-        for kind, specs, limit in (("H", s.history, start), ("R", s.realtime, start + w)):
+        for kind, specs in (("H", s.history), ("R", s.realtime)):
             sample[kind] = {}
             for spec in specs:
                 df = raw.tables[spec.table].with_row_index("_row")
-                rows = [r for r in df.iter_rows(named=True) if r["user_id"] == user and r["ts"] < limit]
+                rows = [r for r in df.iter_rows(named=True) if r["user_id"] == user]
                 rows.sort(key=lambda r: (r["ts"], r["_row"]))
-                sample[kind][spec.name] = rows[-spec.max_len:] if rows else []
+                before = [r for r in rows if r["ts"] < start]
+                kept = before[-spec.max_len:] if before else []
+                if kind == "R":  # plus the window's own actions (the first max_in_window when capped)
+                    inside = [r for r in rows if start <= r["ts"] < start + w]
+                    kept += inside if spec.max_in_window is None else inside[:spec.max_in_window]
+                sample[kind][spec.name] = kept
     return out

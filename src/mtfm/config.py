@@ -171,15 +171,24 @@ class ScenarioSpec(_Strict):
 class SequenceSpec(_Strict):
     """A shared behaviour sequence type, read from its own behaviour table.
 
-    History (H) keeps the most recent ``max_len`` actions strictly before the window start;
-    real-time (R) keeps the most recent ``max_len`` actions strictly before the window end (so
-    it may overlap the window; the model's dynamic mask hides actions at or after an exposure).
+    History (H) keeps the most recent ``max_len`` actions strictly before the window start.
+    Real-time (R) gives every token the ``max_len`` most recent actions strictly before its own
+    timestamp, what a request at that moment would see: a sample stores the ``max_len``
+    actions before the window start plus every action inside the window, and the model's
+    dynamic mask picks each token's own view (:mod:`mtfm.model.mask`).
     """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_]+$")
     table: str = Field(min_length=1)
     features: list[Feature] = Field(min_length=1)
     max_len: int = Field(gt=0)
+    max_in_window: int | None = Field(
+        default=None,
+        gt=0,
+        description="real-time only: store at most this many of a sample's in-window actions (the "
+        "earliest; later exposures then miss the rest, never future ones). The actions left out are "
+        "counted per type in manifest.json 'realtime_truncated' and printed by prepare. None: all",
+    )
 
     @field_validator("features")
     @classmethod
@@ -241,6 +250,9 @@ class DataSchema(_Strict):
         seq = [s.name for s in (*self.history, *self.realtime)]
         if len(set(seq)) != len(seq):
             raise ValueError(f"duplicate sequence names across history and realtime: {seq}")
+        capped = [h.name for h in self.history if h.max_in_window is not None]
+        if capped:
+            raise ValueError(f"history[{capped[0]}].max_in_window: only real-time sequences store in-window actions")
         return self
 
     # ---- helpers used by every stage ------------------------------------------------------

@@ -7,8 +7,15 @@ on the epoch: window id = ts // window) with at least one exposure in any scenar
   padding, no alignment), sorted by timestamp (stable: rows with equal timestamps keep their
   order in the source table);
 * per history type H: the most recent ``max_len`` actions with ts < window start;
-* per real-time type R: the most recent ``max_len`` actions with ts < window end (they may
-  overlap the window; the model masks them by timestamp);
+* per real-time type R: the most recent ``max_len`` actions with ts < window start **plus every
+  action inside the window** (at most ``max_in_window`` of them, the earliest, when the schema
+  caps it; the actions left out are counted per type in ``manifest.json``
+  ``realtime_truncated``). Every exposure can then be given exactly what a request at its own
+  timestamp would hold: the ``max_len`` most recent actions of each type strictly before it.
+  The model's dynamic mask selects that view per token (:mod:`mtfm.model.mask`, from each
+  action's expiry, :func:`mtfm.data.batch.realtime_expiry`). Keeping only the ``max_len``
+  actions before the window *end* instead (format 2) let an action after an exposure -- its own
+  click -- evict an older action the exposure should see: its logit changed with its label;
 * the timestamps of all of the above, encoded features and labels.
 
 Bad-input policy (also printed by ``mtfm prepare --help``):
@@ -424,12 +431,26 @@ def _sequence_table(name: str, df: pl.DataFrame, origin: str, schema: DataSchema
 
 
 def _sequence_bounds(table: _SequenceTable, sample_uidx: np.ndarray, sample_wrel: np.ndarray,
-                     max_len: int, realtime: bool, n_windows: int) -> tuple[np.ndarray, np.ndarray]:
-    """[start, end) of each sample's H (ts < window start) or R (ts < window end) slice."""
+                     spec: SequenceSpec, realtime: bool, n_windows: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """[start, end) of each sample's slice, and how many in-window actions a cap left out.
+
+    H: the ``max_len`` most recent actions with ts < window start. R: the same plus the
+    window's own actions (the first ``max_in_window`` of them when capped). Rows of a user are
+    ordered by (user, ts) and keyed by window slot, so both are ``searchsorted`` lookups.
+    """
     base = sample_uidx * (n_windows + 2)
     user_start = np.searchsorted(table.key, base, side="left")
-    end = np.searchsorted(table.key, base + sample_wrel + (2 if realtime else 1), side="left")
-    return np.maximum(user_start, end - max_len).astype(np.int64), end.astype(np.int64)
+    window_start = np.searchsorted(table.key, base + sample_wrel + 1, side="left")
+    start = np.maximum(user_start, window_start - spec.max_len).astype(np.int64)
+    if not realtime:
+        return start, window_start.astype(np.int64), 0
+    end = np.searchsorted(table.key, base + sample_wrel + 2, side="left")
+    truncated = 0
+    if spec.max_in_window is not None:
+        capped = np.minimum(end, window_start + spec.max_in_window)
+        truncated = int((end - capped).sum())
+        end = capped
+    return start, end.astype(np.int64), truncated
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,6 +559,7 @@ class Aggregation:
     dropped: dict[str, int]
     input_exposures: int
     users_without_exposures: int
+    realtime_truncated: dict[str, int] = field(default_factory=dict)  # R type -> actions its cap left out
 
     @property
     def num_samples(self) -> int:
@@ -710,11 +732,14 @@ def aggregate(tables: Mapping[str, pl.DataFrame], origins: Mapping[str, str], sc
         seen = _sorted_union(behaviour_users)
         without = int(seen.size - np.isin(seen, with_samples, assume_unique=True).sum())
     seqs = []
+    truncated: dict[str, int] = {}
     for kind, prefix_of, specs in (("H", history_prefix, schema.history), ("R", realtime_prefix, schema.realtime)):
         for spec in specs:
-            start, end = _sequence_bounds(seq_tables[spec.table], sample_uidx, sample_wrel, spec.max_len,
-                                          kind == "R", n_windows)
+            start, end, cut = _sequence_bounds(seq_tables[spec.table], sample_uidx, sample_wrel, spec,
+                                               kind == "R", n_windows)
             seqs.append(_SequenceRows(prefix_of(spec.name), spec, seq_tables[spec.table], start, end))
+            if spec.max_in_window is not None:
+                truncated[spec.name] = cut
     tick("sequences")
 
     stats: dict[str, FeatureStats] = {}
@@ -727,7 +752,7 @@ def aggregate(tables: Mapping[str, pl.DataFrame], origins: Mapping[str, str], sc
         schema=schema, boundaries=boundaries, users=users, sample_user=sample_user_ids, sample_window=window,
         sample_split=_split_of(window, schema, boundaries), scenario_offsets=offsets,
         scenario_rows={r.spec.name: r for r in scen}, sequences=seqs, stats=stats, dropped=dropped,
-        input_exposures=input_exposures, users_without_exposures=without,
+        input_exposures=input_exposures, users_without_exposures=without, realtime_truncated=truncated,
     )
 
 
@@ -899,6 +924,7 @@ def prepare(raw: RawTables, out_dir: str | Path, *, scenarios: list[str] | None 
         dropped=dropped,
         users=int(np.count_nonzero(np.diff(agg.sample_user)) + 1),  # samples are ordered by user
         users_without_exposures=agg.users_without_exposures,
+        realtime_truncated=agg.realtime_truncated,
         samples=agg.num_samples,
         splits=splits,
         split_boundaries=agg.boundaries,
@@ -930,8 +956,11 @@ def build_request(tables: RawTables | Mapping[str, pl.DataFrame], manifest: Mani
     Runs :func:`aggregate` -- the training code path -- on the user's behaviour rows and the
     candidates as the scenario's exposures, with the manifest's encoding statistics. The request
     belongs to the window containing ``request_time``: H = actions before the window start, R =
-    the most recent actions before the window end, exactly as in training, so the behaviour
-    tables passed must hold what is known at request time. Candidates may omit the user column
+    the ``max_len`` actions before the window start plus the window's own actions, exactly as
+    in training, so the behaviour tables passed must hold what is known at request time (later
+    rows would be masked anyway: a candidate sees only actions strictly before its timestamp,
+    the ``max_len`` most recent of each type). Each candidate thus gets the inputs, and the
+    logits, that the training sample gives an exposure at the same time. Candidates may omit the user column
     (filled with ``user``), the time column (filled with ``request_time``, so they keep their
     order) and labels (then masked). The batch holds only ``scenario``; its token groups follow
     ``schema.restrict([scenario]).token_groups()``.

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 TOKEN_H, TOKEN_R, TOKEN_T = 0, 1, 2
+NEVER = (1 << 63) - 1  # expiry of a token that never leaves any query's view (int64 max)
 
 _T = TypeVar("_T")
 
@@ -64,11 +65,17 @@ class FeatureTensors:
 
 @dataclass
 class SequenceBatch:
-    """One behaviour sequence type (H or R) for the ``B`` users of a batch."""
+    """One behaviour sequence type (H or R) for the ``B`` users of a batch.
+
+    ``expiry`` (real-time types): per row, the timestamp from which the action is no longer
+    among the ``max_len`` most recent ones of its type (see :func:`realtime_expiry` and
+    :mod:`mtfm.model.mask`); None for history types (never read) and means "never expires".
+    """
 
     offsets: Tensor  # long [B + 1]
     timestamps: Tensor  # long [n]
     features: FeatureTensors
+    expiry: Tensor | None = None  # long [n], real-time types only
 
     @property
     def num_rows(self) -> int:
@@ -99,8 +106,10 @@ class TokenLayout:
 
     ``offsets`` [B + 1] delimit each user's tokens. Per token: ``group_ids`` (index into
     ``DataSchema.token_groups()``), ``token_type`` (TOKEN_H / TOKEN_R / TOKEN_T),
-    ``timestamps``, and ``source_row``: the row inside that group's flat tensors
-    (``history[...]``, ``realtime[...]`` or ``scenarios[...]``) that the token comes from.
+    ``timestamps``, ``source_row``: the row inside that group's flat tensors
+    (``history[...]``, ``realtime[...]`` or ``scenarios[...]``) that the token comes from, and
+    ``expiry``: for R-tokens the end of their visibility (:func:`realtime_expiry`), ``NEVER``
+    for the others.
     """
 
     offsets: Tensor  # long [B + 1]
@@ -108,6 +117,7 @@ class TokenLayout:
     token_type: Tensor  # long [N]
     timestamps: Tensor  # long [N]
     source_row: Tensor  # long [N]
+    expiry: Tensor | None = None  # long [N]; None: every token NEVER expires
 
     @property
     def lengths(self) -> Tensor:
@@ -142,6 +152,26 @@ class JaggedBatch:
         return _map_tensors(self, lambda t: t.pin_memory())
 
 
+def realtime_expiry(offsets: Tensor, timestamps: Tensor, max_len: int) -> Tensor:
+    """Per real-time action: the timestamp of the ``max_len``-th later action of the same user
+    and type (``NEVER`` when there is none), for rows in time order within each user.
+
+    A query at ``t`` sees action ``i`` iff ``t_i < t <= expiry_i``: exactly when ``i`` is among
+    the ``max_len`` most recent actions strictly before ``t`` (:mod:`mtfm.model.mask`). Only the
+    rows of the batch are used: an action whose ``max_len``-th successor lies beyond the
+    sample's stored rows (after its window) never expires for the sample's queries.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    n = timestamps.shape[0]
+    idx = torch.arange(n, device=timestamps.device)
+    end = torch.repeat_interleave(offsets[1:], offsets[1:] - offsets[:-1])  # each row's user end
+    ahead = idx + max_len
+    has = ahead < end
+    later = timestamps.index_select(0, torch.where(has, ahead, idx))
+    return torch.where(has, later.long(), torch.full_like(later, NEVER, dtype=torch.long))
+
+
 def _row_users(offsets: Tensor) -> Tensor:
     """User index of every row, from offsets [B + 1]."""
     counts = offsets[1:] - offsets[:-1]
@@ -165,7 +195,7 @@ def build_token_layout(
     parts += [(TOKEN_T, s) for s in scenarios.values()]
     if not parts:
         raise ValueError("a batch needs at least one scenario")
-    users, types, groups, stamps, rows = [], [], [], [], []
+    users, types, groups, stamps, rows, expiries = [], [], [], [], [], []
     for group_id, (token_type, part) in enumerate(parts):
         n = part.num_rows
         users.append(_row_users(part.offsets))
@@ -173,8 +203,10 @@ def build_token_layout(
         groups.append(torch.full((n,), group_id, dtype=torch.long))
         stamps.append(part.timestamps.long())
         rows.append(torch.arange(n, dtype=torch.long))
+        expiry = getattr(part, "expiry", None) if token_type == TOKEN_R else None
+        expiries.append(expiry.long() if expiry is not None else torch.full((n,), NEVER, dtype=torch.long))
     user, token_type, group_ids = torch.cat(users), torch.cat(types), torch.cat(groups)
-    timestamps, source_row = torch.cat(stamps), torch.cat(rows)
+    timestamps, source_row, expiry_all = torch.cat(stamps), torch.cat(rows), torch.cat(expiries)
 
     # Secondary key: time for H and R; for T keep concatenation order (scenario, stored row).
     secondary = torch.where(token_type == TOKEN_T, torch.zeros_like(timestamps), timestamps)
@@ -191,4 +223,5 @@ def build_token_layout(
         token_type=token_type[order],
         timestamps=timestamps[order],
         source_row=source_row[order],
+        expiry=expiry_all[order],
     )

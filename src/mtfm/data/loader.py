@@ -34,6 +34,7 @@ skipped and counted (``skipped_samples``). The batches then follow the restricte
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import threading
@@ -60,6 +61,7 @@ from mtfm.data.batch import (
     ScenarioBatch,
     SequenceBatch,
     build_token_layout,
+    realtime_expiry,
 )
 from mtfm.data.encode import range_positions
 from mtfm.data.store import (
@@ -287,6 +289,12 @@ class LoadedShard:
         return batch_of([(self, idx)], self.schema)
 
 
+def _with_expiry(seq: SequenceBatch, max_len: int) -> SequenceBatch:
+    """A real-time sequence with each action's expiry (its ``max_len``-th successor's time):
+    each query then sees only the ``max_len`` most recent actions before it (mtfm.model.mask)."""
+    return dataclasses.replace(seq, expiry=realtime_expiry(seq.offsets, seq.timestamps, max_len))
+
+
 def batch_of(pieces: list[tuple[LoadedShard, np.ndarray]], schema: DataSchema) -> JaggedBatch:
     """Samples picked from one or more loaded shards (in the order given) as one JaggedBatch.
 
@@ -300,7 +308,7 @@ def batch_of(pieces: list[tuple[LoadedShard, np.ndarray]], schema: DataSchema) -
         parts = [shard.sequences[prefix].gather(idx) for shard, idx in pieces]
         seqs[prefix] = _cat_sequences(parts)
     history = {h.name: seqs[f"H.{h.name}"] for h in schema.history}
-    realtime = {r.name: seqs[f"R.{r.name}"] for r in schema.realtime}
+    realtime = {r.name: _with_expiry(seqs[f"R.{r.name}"], r.max_len) for r in schema.realtime}
     scenarios = {s.name: _scenario(table, schema, s.name) for s in schema.scenarios}
     return JaggedBatch(
         user_ids=_tensor(_array(table.column("user_id")), "user_id"),

@@ -63,7 +63,9 @@ from mtfm.config import DataSchema, ScenarioSpec, SequenceSpec, schema_from_dict
 from mtfm.data.encode import FeatureStats
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 2
+# 3: a real-time range holds the max_len actions before the window plus every in-window action
+# (format 2 held the max_len before the window end, which leaked labels; its data is refused).
+FORMAT_VERSION = 3
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 
 
@@ -239,6 +241,8 @@ class Manifest(_Model):
     dropped: dict[str, int]
     users: int  # users with at least one sample
     users_without_exposures: int  # seen only in behaviour tables (or every exposure dropped)
+    # real-time type -> in-window actions left out of samples by its max_in_window cap
+    realtime_truncated: dict[str, int] = Field(default_factory=dict)
     samples: int
     splits: dict[str, SplitInfo]
     split_boundaries: SplitBoundaries
@@ -344,6 +348,8 @@ def format_summary(manifest: Manifest) -> str:
     lines.append(
         f"users: {manifest.users:,} with samples, {manifest.users_without_exposures:,} only in behaviour tables"
     )
+    for name, n in manifest.realtime_truncated.items():
+        lines.append(f"real-time {name}: {n:,} in-window actions beyond max_in_window left out of samples")
     b = manifest.split_boundaries
     lines.append(f"split boundaries ({b.style}): valid_start={b.valid_start}, test_start={b.test_start}")
     lines.append("")

@@ -10,6 +10,15 @@ group), ``M`` the dynamic mask (:mod:`mtfm.model.mask`), ``alpha = 1 / sqrt(head
 does not depend on which users share the batch). The optional bias is learned per head over
 log2 buckets of the time gap and of the position gap (:func:`bias_index`).
 
+Position gaps are counted in the query's *own* view, so that they cannot leak: every user's
+context (H and R) tokens are numbered by :meth:`AttentionLayout.positions` (their column among
+the user's context keys; a T-token sits just past the last one), and the gap between query
+``q`` and key ``k`` is the number of keys *visible to q* whose column lies in
+``[col(k), col(q))`` (negative, counted over ``[col(q), col(k))``, when ``k`` lies after ``q``).
+A key hidden from ``q`` (an R action after it, or one outside its ``max_len`` view) therefore
+never shifts ``q``'s gaps: a T query's gap to a key is how many of the keys it sees lie at or
+after that key. See :func:`visible_rank_gap`.
+
 Keys and values are given for *all* N tokens of the batch (flat, in ``TokenLayout`` order);
 queries are a subset (:class:`QuerySet`): every token for a full-attention layer, the T-tokens
 for a target-attention layer.
@@ -23,7 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from mtfm.data.batch import TOKEN_T, TokenLayout
+from mtfm.data.batch import NEVER, TOKEN_T, TokenLayout
 
 QueryKind = Literal["all", "target"]
 
@@ -52,13 +61,18 @@ class AttentionLayout:
     token_type: Tensor  # long [N]
     timestamps: Tensor  # long [N]
     user: Tensor  # long [N]: user of each token
+    expiry: Tensor | None = None  # long [N]: R-token visibility end (mtfm.model.mask); None: NEVER
     cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.expiry is None:
+            self.expiry = torch.full_like(self.timestamps, NEVER)
 
     @classmethod
     def from_token_layout(cls, layout: TokenLayout) -> "AttentionLayout":
         lengths = layout.offsets[1:] - layout.offsets[:-1]
         user = torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device), lengths)
-        return cls(layout.offsets, layout.token_type, layout.timestamps, user)
+        return cls(layout.offsets, layout.token_type, layout.timestamps, user, layout.expiry)
 
     @property
     def batch_size(self) -> int:
@@ -89,12 +103,13 @@ class AttentionLayout:
         return self.cache[key]
 
     def positions(self) -> Tensor:
-        """Sequence position of every token for the relative position bias, cached.
+        """Column of every token among its user's context keys, cached.
 
         Context (H and R) tokens are numbered 0, 1, ... within their user in layout order;
-        every T-token gets the position just after its user's last context token, so all
-        T-tokens of a user are interchangeable (target permutation equivariance) and a T
-        query's position gap to a context key is how far back that key lies.
+        every T-token gets the column just after its user's last context token, so all
+        T-tokens of a user are interchangeable (target permutation equivariance). Position
+        gaps are counted from these columns over the keys a query sees
+        (:func:`visible_rank_gap`), never from the columns themselves.
         """
         key = ("positions",)
         if key not in self.cache:
@@ -148,6 +163,24 @@ def log_buckets(gap: Tensor, num_buckets: int) -> Tensor:
     """``min(floor(log2(1 + |gap|)), num_buckets - 1)`` (float64: exact for millisecond clocks)."""
     g = gap.abs().to(torch.float64)
     return torch.floor(torch.log2(g + 1.0)).long().clamp_(max=num_buckets - 1)
+
+
+def visible_rank_gap(context_mask: Tensor, q_col: Tensor) -> Tensor:
+    """Position gaps counted over the keys each query sees (see the module docstring).
+
+    ``context_mask [..., Lq, C]``: which of the user's context keys (columns in layout order,
+    padding and T columns False) each query sees; ``q_col [..., Lq]``: the query's own column
+    (:meth:`AttentionLayout.positions`, at most ``C``). Returns ``[..., Lq, C]`` long:
+    ``before(q_col) - before(col)`` with ``before(c)`` = visible keys in columns ``< c``.
+    """
+    seen = context_mask.long()
+    if seen.shape[-1] == 0:
+        return seen
+    before = torch.cumsum(seen, -1) - seen  # [..., Lq, C]: visible keys left of each column
+    total = before[..., -1:] + seen[..., -1:]
+    before_ext = torch.cat([before, total], -1)  # [..., Lq, C + 1]
+    own = before_ext.gather(-1, q_col.clamp(max=seen.shape[-1]).unsqueeze(-1))
+    return own - before
 
 
 def bias_index(dt: Tensor, dpos: Tensor, params: AttentionParams) -> Tensor | None:

@@ -29,7 +29,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtfm.data.batch import TOKEN_T
-from mtfm.kernels.common import AttentionLayout, AttentionParams, QuerySet, bias_index, check_shapes, empty_output
+from mtfm.kernels.common import (
+    AttentionLayout,
+    AttentionParams,
+    QuerySet,
+    bias_index,
+    check_shapes,
+    empty_output,
+    visible_rank_gap,
+)
 from mtfm.model.mask import visible
 
 # A bucket may also waste up to this many score cells regardless of the slack, so a tail of
@@ -59,22 +67,25 @@ class _Bucket:
     valid_flat: Tensor  # long [n_valid]: positions in the flattened [nb * Lq] block holding a real query
     q_id: Tensor  # long [nb, Lq]: flat token position, -2 for padding
     q_time: Tensor  # long [nb, Lq]
-    q_seq: Tensor  # long [nb, Lq]: position for the relative position bias
+    q_col: Tensor  # long [nb, Lq]: the query's own column among its user's context keys (T: just past them)
     k_id: Tensor  # long [nb, C]: flat token position, -1 for padding
     k_type: Tensor  # long [nb, C]: TOKEN_T for padding (visible to no other token)
     k_time: Tensor  # long [nb, C]
-    k_seq: Tensor  # long [nb, C]
+    k_expiry: Tensor  # long [nb, C]
     dense: dict = field(default_factory=dict, repr=False)  # whole-block masks / bias columns (direct path)
 
     def mask(self, s: int, e: int) -> Tensor:
         """``[nb, e - s, C]`` visibility of query rows ``s:e`` (padding never visible)."""
         return visible(self.q_time[:, s:e, None], self.q_id[:, s:e, None], self.k_type[:, None, :],
-                       self.k_time[:, None, :], self.k_id[:, None, :])
+                       self.k_time[:, None, :], self.k_expiry[:, None, :], self.k_id[:, None, :])
 
     def bias_index(self, s: int, e: int, params: AttentionParams) -> Tensor | None:
-        """``[nb, e - s, C]`` bias-table columns of query rows ``s:e``."""
-        return bias_index(self.q_time[:, s:e, None] - self.k_time[:, None, :],
-                          self.q_seq[:, s:e, None] - self.k_seq[:, None, :], params)
+        """``[nb, e - s, C]`` bias-table columns of query rows ``s:e`` (position gaps over visible keys)."""
+        if params.position_buckets:
+            dpos = visible_rank_gap(self.mask(s, e), self.q_col[:, s:e])
+        else:
+            dpos = torch.zeros((), dtype=torch.long, device=self.q_time.device)
+        return bias_index(self.q_time[:, s:e, None] - self.k_time[:, None, :], dpos, params)
 
     @property
     def cells(self) -> int:
@@ -196,11 +207,11 @@ def _build_plan(queries: QuerySet, layout: AttentionLayout, slack: float) -> _Pl
             valid_flat=valid_flat,
             q_id=torch.where(q_valid, q_pos, torch.full_like(q_pos, -2)),
             q_time=layout.timestamps[q_pos],
-            q_seq=seq[q_pos],
+            q_col=seq[q_pos],
             k_id=torch.where(c_valid, k_pos, torch.full_like(k_pos, -1)),
             k_type=torch.where(c_valid, layout.token_type[k_pos], torch.full_like(k_pos, TOKEN_T)),
             k_time=layout.timestamps[k_pos],
-            k_seq=seq[k_pos],
+            k_expiry=layout.expiry[k_pos],
         ))
         out_rows.append(q_rows.flatten()[valid_flat])
         padded_cells += len(members) * lq * c

@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtfm.kernels.common import AttentionLayout, AttentionParams, QuerySet, bias_index, check_shapes, empty_output
+from mtfm.data.batch import TOKEN_T
+from mtfm.kernels.common import (
+    AttentionLayout,
+    AttentionParams,
+    QuerySet,
+    bias_index,
+    check_shapes,
+    empty_output,
+    visible_rank_gap,
+)
 from mtfm.model.mask import visible
 
 
@@ -41,8 +50,8 @@ def reference_attention(
     k_valid = _pad(torch.ones_like(flat, dtype=torch.bool), k_user, k_slot, batch, k_len)
     k_type = _pad(layout.token_type, k_user, k_slot, batch, k_len)
     k_time = _pad(layout.timestamps, k_user, k_slot, batch, k_len)
+    k_expiry = _pad(layout.expiry, k_user, k_slot, batch, k_len)
     k_flat = _pad(flat, k_user, k_slot, batch, k_len)
-    k_seq = _pad(layout.positions(), k_user, k_slot, batch, k_len)
 
     # Queries, padded the same way.
     q_user = layout.user[queries.index]
@@ -52,16 +61,20 @@ def reference_attention(
     q_valid = _pad(torch.ones_like(queries.index, dtype=torch.bool), q_user, q_slot, batch, q_len)
     q_time = _pad(layout.timestamps[queries.index], q_user, q_slot, batch, q_len)
     q_flat = _pad(queries.index, q_user, q_slot, batch, q_len)
-    q_seq = _pad(layout.positions()[queries.index], q_user, q_slot, batch, q_len)
+    q_own = _pad(k_slot[queries.index], q_user, q_slot, batch, q_len)  # the query's own key column
 
-    mask = visible(q_time[:, :, None], q_flat[:, :, None], k_type[:, None, :], k_time[:, None, :], k_flat[:, None, :])
+    mask = visible(q_time[:, :, None], q_flat[:, :, None], k_type[:, None, :], k_time[:, None, :],
+                   k_expiry[:, None, :], k_flat[:, None, :])
     mask = mask & q_valid[:, :, None] & k_valid[:, None, :]  # [B, Lq, Lk]
 
     # GQA by repeating each key/value group for its H / G query heads (head h uses group h // r).
     r = heads // groups
     kh, vh = kp.repeat_interleave(r, dim=2), vp.repeat_interleave(r, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", qp, kh) * params.alpha
-    index = bias_index(q_time[:, :, None] - k_time[:, None, :], q_seq[:, :, None] - k_seq[:, None, :], params)
+    # Position gaps over the keys each query sees; T columns (never context) are left out.
+    dpos = visible_rank_gap(mask & (k_type != TOKEN_T)[:, None, :] & k_valid[:, None, :], q_own) if params.position_buckets \
+        else torch.zeros((), dtype=torch.long, device=q.device)
+    index = bias_index(q_time[:, :, None] - k_time[:, None, :], dpos, params)
     if index is not None:
         scores = scores + params.bias[:, index].permute(1, 0, 2, 3)
     weights = torch.where(mask[:, None], F.silu(scores), torch.zeros_like(scores)) * params.norm

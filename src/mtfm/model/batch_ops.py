@@ -41,7 +41,8 @@ def _user_rows(offsets: Tensor, users: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _take_sequence(seq: SequenceBatch, rows: Tensor, offsets: Tensor) -> SequenceBatch:
-    return SequenceBatch(offsets, seq.timestamps[rows], take_feature_rows(seq.features, rows))
+    expiry = seq.expiry[rows] if seq.expiry is not None else None  # whole users are taken: still valid
+    return SequenceBatch(offsets, seq.timestamps[rows], take_feature_rows(seq.features, rows), expiry)
 
 
 def _take_scenario(sc: ScenarioBatch, rows: Tensor, offsets: Tensor) -> ScenarioBatch:

@@ -24,7 +24,14 @@ from mtfm.config import (
     NumericFeature,
     schema_from_dict,
 )
-from mtfm.data.batch import FeatureTensors, JaggedBatch, ScenarioBatch, SequenceBatch, build_token_layout
+from mtfm.data.batch import (
+    FeatureTensors,
+    JaggedBatch,
+    ScenarioBatch,
+    SequenceBatch,
+    build_token_layout,
+    realtime_expiry,
+)
 from mtfm.model.config import ModelConfig
 
 
@@ -151,7 +158,9 @@ def random_batch(
     for spec in schema.realtime:
         n = draw(spec.name, shape.realtime)
         ts = _sorted_times(n, window_start - shape.realtime_lead, window_end, g)
-        realtime[spec.name] = SequenceBatch(_offsets(n), ts, _features(list(spec.features), sum(n), g))
+        offsets = _offsets(n)
+        realtime[spec.name] = SequenceBatch(offsets, ts, _features(list(spec.features), sum(n), g),
+                                            realtime_expiry(offsets, ts, spec.max_len))
 
     counts = {sc.name: draw(sc.name, shape.exposures) for sc in schema.scenarios}
     first = schema.scenarios[0].name
