@@ -1,6 +1,19 @@
-import torch
+import itertools
 
-from mtfm.data.batch import TOKEN_H, TOKEN_R, TOKEN_T, FeatureTensors, ScenarioBatch, SequenceBatch, build_token_layout
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtfm.data.batch import (
+    TOKEN_H,
+    TOKEN_R,
+    TOKEN_T,
+    FeatureTensors,
+    ScenarioBatch,
+    SequenceBatch,
+    build_token_layout,
+    realtime_expiry,
+)
 
 
 def _seq(offsets, ts):
@@ -26,3 +39,20 @@ def test_token_layout_orders_history_chronologically_then_realtime_then_targets_
     assert lay.timestamps.tolist() == [10, 20, 30, 40, 50, 45, 46, 1, 5, 7, 8, 9]
     assert lay.group_ids.tolist() == [0, 1, 0, 2, 3, 4, 4, 1, 0, 1, 2, 3]
     assert lay.source_row.tolist() == [0, 0, 1, 0, 0, 0, 1, 1, 2, 2, 1, 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 6), max_size=9), min_size=1, max_size=4), st.integers(1, 4))
+def test_expiry_admits_exactly_the_max_len_most_recent_actions_strictly_before_a_query(users, max_len):
+    """The mask's R rule (t_k < t_q <= expiry_k) against the definition, with ties in time."""
+    stamps = [sorted(u) for u in users]
+    offsets = torch.tensor([0, *itertools.accumulate(len(u) for u in stamps)])
+    flat = torch.tensor([t for u in stamps for t in u], dtype=torch.long)
+    expiry = realtime_expiry(offsets, flat, max_len)
+    for b, times in enumerate(stamps):
+        lo = int(offsets[b])
+        for t_q in range(-1, 9):
+            earlier = [lo + i for i, t in enumerate(times) if t < t_q]
+            want = earlier[-max_len:]
+            got = [lo + i for i, t in enumerate(times) if t < t_q <= int(expiry[lo + i])]
+            assert got == want, (times, t_q, max_len)

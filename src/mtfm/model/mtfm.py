@@ -115,7 +115,8 @@ class MTFMBase(nn.Module):
             sel = torch.nonzero(groups.target == local).flatten()
             emb = x_t.new_zeros((scenario.num_rows, x_t.shape[1])).index_copy(0, rows[sel], x_t.index_select(0, sel))
             embeddings[name] = emb
-            logits[name] = self.head(emb, name).float()
+            out = self.head(emb, name)
+            logits[name] = out if out.dtype == torch.float64 else out.float()  # bf16 -> fp32; fp64 kept
         return ModelOutput(logits, embeddings)
 
     def _token_groups(self, batch: JaggedBatch, layout: AttentionLayout) -> TokenGroups:

@@ -60,7 +60,7 @@ def tiny_schema() -> DataSchema:
                  "features": [item, {"name": "dwell", "kind": "numeric"}]},
             ],
             "realtime": [
-                {"name": "recent", "table": "recent", "max_len": 10,
+                {"name": "recent", "table": "recent", "max_len": 2,  # below BatchShape.realtime: views differ per token
                  "features": [item, {"name": "tags", "kind": "multi_categorical", "num_embeddings": 7, "max_len": 3}]},
             ],
             "scenarios": [
