@@ -41,6 +41,9 @@ bad-input policy:
     plus any count the source reports (e.g. user_not_selected for --users with a directory).
   users found only in behaviour tables get no sample; they are counted as
   users_without_exposures (behaviour rows are not exposures).
+  a real-time type with max_in_window stores at most that many in-window actions per sample
+  (the earliest); those left out are counted per type in manifest.json "realtime_truncated"
+  and printed (behaviour rows, not exposures).
   accounting, always checked: input_exposures == output_exposures + sum(dropped).
 
 sources:
