@@ -117,8 +117,15 @@ def main() -> None:
     schema = read_manifest(data).schema_obj
     scenarios, tasks = schema.scenario_names, {s.name: s.task_names for s in schema.scenarios}
     results: dict = {v: {} for v in VARIANTS}
+    # The plain runs last: with --wait-for-data a concurrent run_experiments.py trains them (same
+    # directory, same options); wait for its eval_test.json rather than train the same run twice.
+    order = [v for v in VARIANTS if v != "multi"] + ["multi"]
     for seed in args.seeds:
-        for variant, changes in VARIANTS.items():
+        for variant in order:
+            changes = VARIANTS[variant]
+            plain = out / f"seed{seed}" / variant / "eval_test.json"
+            while variant == "multi" and args.wait_for_data and not plain.is_file() and time.time() < deadline + 7200:
+                time.sleep(20)
             run_args = argparse.Namespace(**vars(args))
             run_args.model = _variant_config(args.model, changes, out / "configs" / f"{variant}.yaml")
             print(f"seed {seed} {variant}", flush=True)
