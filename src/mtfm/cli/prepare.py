@@ -21,8 +21,9 @@ DESCRIPTION = """\
 Aggregate raw logs per user and time window over all scenarios (MTFM paper, section 3.1):
 one sample = one user and one window (schema.window, aligned on the epoch) with every exposure
 of every scenario in it (each scenario keeps its own columns), the user's history H (actions
-before the window start, most recent max_len per type) and real-time R (most recent max_len
-actions before the window end), all with timestamps. Writes, per split (by window start, see
+before the window start, most recent max_len per type) and real-time R (the max_len actions
+before the window start plus every action inside the window; each exposure sees the max_len
+most recent before itself), all with timestamps. Writes, per split (by window start, see
 the schema's split) and shard, DIR/<split>/part-NNNNN.parquet (one row per sample: exposures,
 and per sequence type a [start, end) row range) and DIR/<split>/part-NNNNN.<H|R>.<type>.parquet
 (each behaviour action the shard's samples need, stored once), plus DIR/manifest.json; then

@@ -67,9 +67,10 @@ class FeatureTensors:
 class SequenceBatch:
     """One behaviour sequence type (H or R) for the ``B`` users of a batch.
 
-    ``expiry`` (real-time types): per row, the timestamp from which the action is no longer
-    among the ``max_len`` most recent ones of its type (see :func:`realtime_expiry` and
-    :mod:`mtfm.model.mask`); None for history types (never read) and means "never expires".
+    ``expiry`` (real-time types): per row, the latest query timestamp for which the action is
+    still among the ``max_len`` most recent ones of its type strictly before the query (see
+    :func:`realtime_expiry` and :mod:`mtfm.model.mask`); None for history types (never read)
+    and means "never expires".
     """
 
     offsets: Tensor  # long [B + 1]

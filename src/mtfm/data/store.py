@@ -35,8 +35,9 @@ Sequence file ``<shard stem>.<prefix>.parquet`` (see :func:`sequence_columns` an
 above; a multi-categorical feature is a ``large_list`` column). Per user of the shard, in
 user order, it holds that user's actions sorted by (time, source row) that at least one of
 the shard's samples needs: the union of the samples' ranges (a sample's H -- the most recent
-``max_len`` actions with ts < window start -- and its R -- the most recent ``max_len`` with ts
-< window end -- are contiguous runs of the user's sorted actions).
+``max_len`` actions with ts < window start -- and its R -- the ``max_len`` actions before the
+window start and every action inside the window (the first ``max_in_window`` when capped) --
+are contiguous runs of the user's sorted actions).
 
 The manifest (:class:`Manifest`) holds the accounting (``input_exposures ==
 output_exposures + sum(dropped)``), per split and scenario counts, the shards with their

@@ -6,7 +6,8 @@ or cross features; an id feature shared by name with the sequences). :func:`rand
 draws batches for any schema that respect the data layer's timing invariants: history
 actions are strictly before the user's window start, exposures lie inside the window, and
 real-time actions lie anywhere before the window end (so some are at or after exposures, the
-case the dynamic mask must hide).
+case the dynamic mask must hide), each with its expiry (the real-time ``max_len`` of the tiny
+schema is below the drawn lengths, so tokens see different real-time views).
 """
 
 from __future__ import annotations
