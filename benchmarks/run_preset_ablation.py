@@ -6,8 +6,7 @@ Additions measured (``mtfm.model.config.ModelConfig`` options marked ADDITION):
 
 * ``time_bias``: learned relative time bias per head (HSTU's);
 * ``position_bias``: learned relative position bias, gaps counted over the keys a query sees;
-* ``final_norm``: a Group LayerNorm on the final T-tokens before the MMoE;
-* ``time_bias+final_norm``: both, which is what the presets switched on before issue 9.
+* ``final_norm``: a Group LayerNorm on the final T-tokens before the MMoE.
 
 Runs share the layout of ``run_experiments.py`` (``OUT/seed<S>/<variant>``); the plain variant
 is that campaign's ``multi`` run, reused when it already exists, so point ``--out`` at the same
@@ -40,7 +39,6 @@ VARIANTS: dict[str, dict] = {
     "time_bias": {"relative_time_bias": True},
     "position_bias": {"relative_position_bias": True},
     "final_norm": {"final_norm": True},
-    "time_bias+final_norm": {"relative_time_bias": True, "final_norm": True},
 }
 
 
