@@ -97,3 +97,17 @@ def reorder_scenario_rows(batch: JaggedBatch, name: str, order: Tensor) -> Jagge
     scenarios = dict(batch.scenarios)
     scenarios[name] = _take_scenario(sc, order, sc.offsets)
     return _rebuild(batch, dict(batch.history), dict(batch.realtime), scenarios, batch.user_ids, batch.window_start)
+
+
+def take_candidates(batch: JaggedBatch, name: str, rows: Tensor) -> JaggedBatch:
+    """A one-user batch holding only scenario ``name``'s exposures ``rows`` (in that order), with
+    the user's sequences: a request over a subset of its candidates (the naive micro-batch)."""
+    if batch.batch_size != 1:
+        raise ValueError(f"take_candidates needs a one-user batch, got {batch.batch_size} users")
+    sc = batch.scenarios[name]
+    rows = torch.as_tensor(rows, dtype=torch.long, device=sc.offsets.device)
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= sc.num_rows):
+        raise IndexError(f"scenario {name!r}: rows must lie in [0, {sc.num_rows}), got {rows.tolist()}")
+    offsets = torch.tensor([0, rows.numel()], dtype=torch.long, device=sc.offsets.device)
+    scenarios = {name: _take_scenario(sc, rows, offsets)}
+    return _rebuild(batch, dict(batch.history), dict(batch.realtime), scenarios, batch.user_ids, batch.window_start)
