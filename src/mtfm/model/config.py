@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mtfm.model.loss import LossWeighting
 
-AttentionBackend = Literal["reference", "jagged"]
+AttentionBackend = Literal["reference", "jagged", "triton", "auto"]
 
 
 class ModelConfigError(ValueError):
@@ -66,7 +66,9 @@ class ModelConfig(BaseModel):
 
     # ---- attention -------------------------------------------------------------------------
     attention_backend: AttentionBackend = Field(
-        default="jagged", description="reference: padded dense mask (the truth); jagged: per-user blocks"
+        default="auto",
+        description="reference: padded dense mask (the truth); jagged: per-user blocks (CPU); triton: the GPU "
+        "kernel (mtfm.kernels.triton_attention); auto: triton on CUDA when Triton is importable, else jagged",
     )
     attention_norm_len: int = Field(
         default=256,

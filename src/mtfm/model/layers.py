@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtfm.kernels import AttentionLayout, AttentionParams, hstu_attention
+from mtfm.kernels import AttentionLayout, AttentionParams, fused_gln_available, fused_group_layer_norm, hstu_attention
 from mtfm.model.config import ModelConfig
 from mtfm.model.embedding import module_key
 
@@ -84,6 +84,9 @@ class GroupLayerNorm(nn.Module):
         return F.layer_norm(x, (self.dim,), eps=self.eps)
 
     def forward(self, x: Tensor, group_ids: Tensor) -> Tensor:
+        if fused_gln_available(x):  # GPU: one fused Triton pass (mtfm.kernels.triton_gln); this method is its reference
+            weight, bias = self.affine()
+            return fused_group_layer_norm(x, group_ids, weight, bias, self.eps)
         # index_select, not ``weight[group_ids]``: its backward is an index_add, while the
         # backward of advanced indexing (index_put with accumulate) is ~100x slower on CPU
         # when many rows share few groups.
