@@ -191,3 +191,14 @@ def test_jagged_plan_is_built_once_per_batch_and_shared_by_layers():
     layout = _layout([(5, 3, 2), (2, 2, 4)], 0)
     queries = layout.queries("target")
     assert plan_for(queries, layout, 0.25) is plan_for(layout.queries("target"), layout, 0.25)
+
+
+def test_log_buckets_are_exact_bit_lengths_around_every_power_of_two():
+    """floor(log2(1 + |gap|)) without float log2 (inexact at powers of two on CUDA)."""
+    from mtfm.kernels.common import log_buckets
+
+    gaps = sorted({max(0, (1 << e) + d - 1) for e in range(0, 53) for d in (-1, 0, 1)})
+    got = log_buckets(torch.tensor(gaps + [-g for g in gaps], dtype=torch.long), 64).tolist()
+    want = [(g + 1).bit_length() - 1 for g in gaps] * 2
+    assert got == want
+    assert log_buckets(torch.tensor([7, 8, 1 << 40]), 4).tolist() == [3, 3, 3]

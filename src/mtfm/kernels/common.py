@@ -160,9 +160,11 @@ class AttentionParams:
 
 
 def log_buckets(gap: Tensor, num_buckets: int) -> Tensor:
-    """``min(floor(log2(1 + |gap|)), num_buckets - 1)`` (float64: exact for millisecond clocks)."""
-    g = gap.abs().to(torch.float64)
-    return torch.floor(torch.log2(g + 1.0)).long().clamp_(max=num_buckets - 1)
+    """``min(floor(log2(1 + |gap|)), num_buckets - 1)``, exactly: the binary exponent of
+    ``1 + |gap|`` from ``frexp`` (``log2`` is not exact at powers of two on CUDA, where
+    ``log2(8.0)`` gives 2.9999999999999996; exact in float64 for gaps below 2^53)."""
+    _, exponent = torch.frexp(gap.abs().to(torch.float64) + 1.0)
+    return (exponent.long() - 1).clamp_(max=num_buckets - 1)
 
 
 def visible_rank_gap(context_mask: Tensor, q_col: Tensor) -> Tensor:
