@@ -100,6 +100,7 @@ def _batch_samples(batch: JaggedBatch, schema) -> list[dict]:
             sc, p = batch.scenarios[spec.name], f"T.{spec.name}"
             lo, hi = int(sc.offsets[b]), int(sc.offsets[b + 1])
             row[f"{p}.ts"] = sc.timestamps[lo:hi].tolist()
+            row[f"{p}.row"] = sc.source_row[lo:hi].tolist()
             for g in ("user", "cross", "item"):
                 ft = getattr(sc, g)
                 for name, t in {**ft.categorical, **ft.numeric}.items():

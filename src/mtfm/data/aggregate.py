@@ -94,6 +94,7 @@ from mtfm.data.store import (
     scenario_feature_columns,
     scenario_prefix,
     sequence_path,
+    source_row_column,
     write_manifest,
     write_shard,
 )
@@ -608,6 +609,7 @@ class Aggregation:
             pa_offsets = pa.array(offsets)
             cols[f"{scenario_prefix(s)}.ts"] = pa.LargeListArray.from_arrays(pa_offsets, pa.array(r.ts[pos]))
             rows = pos if r.identity else r.rows[pos]
+            cols[source_row_column(s)] = pa.LargeListArray.from_arrays(pa_offsets, pa.array(rows, type=pa.int64()))
             for name, values in r.columns.items():
                 cols[name] = pa.LargeListArray.from_arrays(pa_offsets, _take(values, rows))
         samples_table = pa.table({name: cols[name] for name in sample_columns(self.schema)})

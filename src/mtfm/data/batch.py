@@ -95,6 +95,7 @@ class ScenarioBatch:
     labels: Tensor  # float32 [n, num_tasks], 0/1
     label_mask: Tensor  # bool [n, num_tasks]; False = label not observed
     oracle: Tensor  # float32 [n, num_tasks]; true probability, NaN when unknown
+    source_row: Tensor | None = None  # long [n]: row in the scenario's source table (None: not known)
 
     @property
     def num_rows(self) -> int:

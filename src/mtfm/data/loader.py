@@ -76,6 +76,7 @@ from mtfm.data.store import (
     scenario_feature_columns,
     scenario_prefix,
     sequence_types,
+    source_row_column,
 )
 
 _TORCH_DTYPES = {pa.int64(): torch.int64, pa.int32(): torch.int32, pa.float32(): torch.float32, pa.int8(): torch.int8}
@@ -161,7 +162,7 @@ def _scenario(table: pa.Table, schema: DataSchema, name: str) -> ScenarioBatch:
     pairs = {g: [(by_name[g][fname], col) for fname, col in named[g]] for g in named}
     labels = [label_column(name, t.name) for t in spec.tasks]
     oracles = [oracle_column(name, t.name) for t in spec.tasks if t.oracle_column is not None]
-    cols = [f"{p}.ts"] + [c for g in pairs.values() for _, c in g] + labels + oracles
+    cols = [f"{p}.ts", source_row_column(name)] + [c for g in pairs.values() for _, c in g] + labels + oracles
     group = _group(table, cols)
     n = int(group.offsets[-1])
     lab = torch.stack([_tensor(group.values[c], c) for c in labels], dim=1) if labels else torch.zeros(n, 0)
@@ -179,6 +180,7 @@ def _scenario(table: pa.Table, schema: DataSchema, name: str) -> ScenarioBatch:
         labels=(lab == 1).to(torch.float32),
         label_mask=lab >= 0,
         oracle=oracle,
+        source_row=_tensor(group.values[source_row_column(name)], source_row_column(name)).long(),
     )
 
 

@@ -101,9 +101,15 @@ def oracle_column(scenario: str, task: str) -> str:
     return f"{scenario_prefix(scenario)}.oracle.{task}"
 
 
+def source_row_column(scenario: str) -> str:
+    """Per exposure: its 0-based row in the scenario's source table (the key ``mtfm predict`` joins back on)."""
+    return f"{scenario_prefix(scenario)}.row"
+
+
 def scenario_columns(spec: ScenarioSpec) -> list[str]:
     p = scenario_prefix(spec.name)
-    cols = [f"{p}.ts"] + [c for group in scenario_feature_columns(spec).values() for _, c in group]
+    cols = [f"{p}.ts", source_row_column(spec.name)]
+    cols += [c for group in scenario_feature_columns(spec).values() for _, c in group]
     cols += [label_column(spec.name, t.name) for t in spec.tasks]
     cols += [oracle_column(spec.name, t.name) for t in spec.tasks if t.oracle_column is not None]
     return cols

@@ -55,6 +55,7 @@ def _take_scenario(sc: ScenarioBatch, rows: Tensor, offsets: Tensor) -> Scenario
         labels=sc.labels[rows],
         label_mask=sc.label_mask[rows],
         oracle=sc.oracle[rows],
+        source_row=sc.source_row[rows] if sc.source_row is not None else None,
     )
 
 
