@@ -15,6 +15,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mtfm.cli.prepare",
     "mtfm.cli.train",
     "mtfm.cli.evaluate",
+    "mtfm.cli.predict",
     "mtfm.cli.demo",
 )
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         # Bad input: one clear message naming what is wrong, no traceback.
         print(f"mtfm {args.command}: error: {err}", file=sys.stderr)
         return 2
