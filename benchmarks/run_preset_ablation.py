@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,18 @@ def _variant_config(base: str, changes: dict, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     return str(path)
+
+
+def _claim(run: Path) -> bool:
+    """Take ``run`` for this process (an exclusive claim file beside it); False if another has it."""
+    run.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(run.parent / f"{run.name}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
 
 
 def _rows(results: dict, scenarios: list[str], tasks: dict[str, list[str]], seeds: list[int]) -> tuple[str, list]:
@@ -115,20 +128,27 @@ def main() -> None:
     schema = read_manifest(data).schema_obj
     scenarios, tasks = schema.scenario_names, {s.name: s.task_names for s in schema.scenarios}
     results: dict = {v: {} for v in VARIANTS}
-    # The plain runs last: with --wait-for-data a concurrent run_experiments.py trains them (same
-    # directory, same options); wait for its eval_test.json rather than train the same run twice.
-    order = [v for v in VARIANTS if v != "multi"] + ["multi"]
-    for seed in args.seeds:
-        for variant in order:
-            changes = VARIANTS[variant]
-            plain = out / f"seed{seed}" / variant / "eval_test.json"
-            while variant == "multi" and args.wait_for_data and not plain.is_file() and time.time() < deadline + 7200:
-                time.sleep(20)
+    # Several of these processes may share OUT (each takes a run by creating its claim file);
+    # the plain runs are left to a concurrent run_experiments.py (same directory and options)
+    # when --wait-for-data is given: their eval_test.json is awaited, not trained twice.
+    pending = [(seed, v) for seed in args.seeds for v in VARIANTS if v != "multi"]
+    pending += [(seed, "multi") for seed in args.seeds]
+    while pending:
+        progressed = False
+        for seed, variant in list(pending):
+            run = out / f"seed{seed}" / variant
+            done = (run / "eval_test.json").is_file()
+            wait_plain = variant == "multi" and args.wait_for_data and time.time() < deadline + 7200
+            if not done and (wait_plain or not _claim(run)):
+                continue  # another process trains it
             run_args = argparse.Namespace(**vars(args))
-            run_args.model = _variant_config(args.model, changes, out / "configs" / f"{variant}.yaml")
+            run_args.model = _variant_config(args.model, VARIANTS[variant], out / "configs" / f"{variant}.yaml")
             print(f"seed {seed} {variant}", flush=True)
-            results[variant][seed] = exp._train_and_evaluate(run_args, data, out / f"seed{seed}" / variant, "mtfm",
-                                                             seed, None)
+            results[variant][seed] = exp._train_and_evaluate(run_args, data, run, "mtfm", seed, None)
+            pending.remove((seed, variant))
+            progressed = True
+        if pending and not progressed:
+            time.sleep(20)
     table, rows = _rows(results, scenarios, tasks, args.seeds)
     text = (f"Additions to the paper's architecture ({args.model} preset), {args.dataset}, seeds {args.seeds}; "
             f"test split, each run scored per scenario from its best valid epoch. Δ: variant minus plain, paired by "
