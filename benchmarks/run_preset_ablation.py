@@ -6,7 +6,8 @@ Additions measured (``mtfm.model.config.ModelConfig`` options marked ADDITION):
 
 * ``time_bias``: learned relative time bias per head (HSTU's);
 * ``position_bias``: learned relative position bias, gaps counted over the keys a query sees;
-* ``final_norm``: a Group LayerNorm on the final T-tokens before the MMoE.
+* ``final_norm``: a Group LayerNorm on the final T-tokens before the MMoE;
+* ``time_bias+final_norm`` (only with ``--variants``): both, what the presets held before issue 9.
 
 Runs share the layout of ``run_experiments.py`` (``OUT/seed<S>/<variant>``); the plain variant
 is that campaign's ``multi`` run, reused when it already exists, so point ``--out`` at the same
@@ -40,7 +41,9 @@ VARIANTS: dict[str, dict] = {
     "time_bias": {"relative_time_bias": True},
     "position_bias": {"relative_position_bias": True},
     "final_norm": {"final_norm": True},
+    "time_bias+final_norm": {"relative_time_bias": True, "final_norm": True},
 }
+DEFAULT_VARIANTS = ["time_bias", "position_bias", "final_norm"]
 
 
 def _variant_config(base: str, changes: dict, path: Path) -> str:
@@ -63,7 +66,8 @@ def _claim(run: Path) -> bool:
     return True
 
 
-def _rows(results: dict, scenarios: list[str], tasks: dict[str, list[str]], seeds: list[int]) -> tuple[str, list]:
+def _rows(results: dict, scenarios: list[str], tasks: dict[str, list[str]], seeds: list[int],
+          variants: list[str]) -> tuple[str, list]:
     lines = ["| scenario | task | variant | AUC | GAUC | Δ AUC vs plain | Δ AUC bounds (95%, one-sided) | "
              "Δ GAUC vs plain | Δ GAUC bounds (95%, one-sided) |", "|---|---|---|---|---|---|---|---|---|"]
     rows = []
@@ -73,7 +77,7 @@ def _rows(results: dict, scenarios: list[str], tasks: dict[str, list[str]], seed
 
     for s in scenarios:
         for t in tasks[s]:
-            for variant in VARIANTS:
+            for variant in variants:
                 row = {"scenario": s, "task": t, "variant": variant}
                 cells = []
                 for key in ("auc", "gauc"):
@@ -113,6 +117,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--variants", nargs="+", choices=[v for v in VARIANTS if v != "multi"], default=DEFAULT_VARIANTS)
     p.add_argument("--wait-for-data", type=float, default=0.0,
                    help="seconds to wait for OUT/data/manifest.json written by a concurrent run_experiments.py "
                         "(0: prepare it here if missing)")
@@ -127,11 +132,12 @@ def main() -> None:
     exp._prepare(args, data)
     schema = read_manifest(data).schema_obj
     scenarios, tasks = schema.scenario_names, {s.name: s.task_names for s in schema.scenarios}
-    results: dict = {v: {} for v in VARIANTS}
+    variants = {"multi": VARIANTS["multi"], **{v: VARIANTS[v] for v in args.variants}}
+    results: dict = {v: {} for v in variants}
     # Several of these processes may share OUT (each takes a run by creating its claim file);
     # the plain runs are left to a concurrent run_experiments.py (same directory and options)
     # when --wait-for-data is given: their eval_test.json is awaited, not trained twice.
-    pending = [(seed, v) for seed in args.seeds for v in VARIANTS if v != "multi"]
+    pending = [(seed, v) for seed in args.seeds for v in variants if v != "multi"]
     pending += [(seed, "multi") for seed in args.seeds]
     while pending:
         progressed = False
@@ -149,13 +155,14 @@ def main() -> None:
             progressed = True
         if pending and not progressed:
             time.sleep(20)
-    table, rows = _rows(results, scenarios, tasks, args.seeds)
+    table, rows = _rows(results, scenarios, tasks, args.seeds, list(variants))
     text = (f"Additions to the paper's architecture ({args.model} preset), {args.dataset}, seeds {args.seeds}; "
             f"test split, each run scored per scenario from its best valid epoch. Δ: variant minus plain, paired by "
             f"seed (mean ± std) and its one-sided 95% t-bounds (lower, upper): an addition helps beyond seed noise "
             f"when the lower bound is above 0, hurts when the upper bound is below 0.\n\n{table}")
-    (out / "ablation.md").write_text(text + "\n")
-    write_json(out / "ablation.json", {"rows": rows, "config": vars(args), "wall_seconds": time.perf_counter() - t0})
+    name = "ablation" if args.variants == DEFAULT_VARIANTS else "ablation-" + "-".join(args.variants)
+    (out / f"{name}.md").write_text(text + "\n")
+    write_json(out / f"{name}.json", {"rows": rows, "config": vars(args), "wall_seconds": time.perf_counter() - t0})
     print(text)
 
 
