@@ -1,7 +1,7 @@
 """How far each accuracy figure moved between two ``run_experiments.py`` reports of the same
 campaign (same data, seeds and options), for example before and after a fix.
 
-    python benchmarks/compare_reports.py benchmarks/results/experiments/synthetic.json runs/exp/synthetic/report.json
+    python benchmarks/compare_reports.py benchmarks/results/experiments/synthetic-before-issue9.json runs/exp/synthetic/report.json
 
 Prints one Markdown row per scenario and task: the mean over seeds of each model's AUC and
 GAUC in the old and new report, and new - old. Models that a change could not touch (the LR

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from mtfm.data.batch import JaggedBatch
 from mtfm.kernels import AttentionLayout
+from mtfm.model.batch_ops import take_candidates
 from mtfm.model.layers import FullAttentionLayer, TargetAttentionLayer
 from mtfm.model.mtfm import MTFMBase
 
@@ -70,9 +71,13 @@ def _layers(model: MTFMBase) -> list[TargetAttentionLayer | FullAttentionLayer]:
     return [layer for block in model.stack.blocks for layer in (*block.targets, *block.fulls)]
 
 
-def _split_request(model: MTFMBase, batch: JaggedBatch) -> _Request:
+def _check_one_user(batch: JaggedBatch) -> None:
     if batch.batch_size != 1:
         raise ValueError(f"M-Falcon scores one request (one user) at a time; the batch holds {batch.batch_size} users")
+
+
+def _split_request(model: MTFMBase, batch: JaggedBatch) -> _Request:
+    _check_one_user(batch)
     layout = AttentionLayout.from_token_layout(batch.layout)
     groups = model._token_groups(batch, layout)
     x = model._tokens(batch)
@@ -109,8 +114,12 @@ def _queries(layer: TargetAttentionLayer | FullAttentionLayer, xn: Tensor) -> tu
 
 @torch.no_grad()
 def compute_prefix(model: MTFMBase, batch: JaggedBatch) -> UserPrefix:
-    """Run the stack over the request's context tokens once; keep every layer's keys/values."""
-    req = _split_request(model, batch)
+    """Run the stack over the request's context tokens once; keep every layer's keys/values.
+
+    Only the context is tokenized: the request is first cut to no candidates."""
+    _check_one_user(batch)
+    first = next(iter(batch.scenarios))
+    req = _split_request(model, take_candidates(batch, first, torch.zeros(0, dtype=torch.long)))
     layout = _context_layout(req)
     everyone = layout.queries("all")
     x, groups = req.x.index_select(0, req.ctx), req.groups_all.index_select(0, req.ctx)
