@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtfm",
         description="MTFM: multi-scenario recommendation foundation model "
-        "(prepare data, train, evaluate, serve).",
+        "(prepare data, train, evaluate, predict).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in _COMMAND_MODULES:
