@@ -178,12 +178,23 @@ class FullAttentionLayer(_HSTULayer):
             a = self._attend(q, k, v, layout.queries("all"), layout)
             return self._output(x, a, u, groups.all)
         targets = layout.queries("target").index
-        w, b = self.f1.weight, self.f1.bias
-        u, q = F.silu(F.linear(xn.index_select(0, targets), w[: 2 * width], b[: 2 * width])).split([width, width], dim=-1)
-        k, v = self._split_kv(F.silu(F.linear(xn, w[2 * width :], b[2 * width :])))
+        u, q = self.project_uq(xn.index_select(0, targets))
+        k, v = self.project_kv(xn)
         a = self._attend(q, k, v, layout.queries("target"), layout)
         x_t = self._output(x.index_select(0, targets), a, u, groups.target)
         return x.index_copy(0, targets, x_t.to(x.dtype))
+
+    def project_uq(self, xn: Tensor) -> tuple[Tensor, Tensor]:
+        """``(U, Q)`` of normalised rows: the first part of ``f1`` only (rows that are queried)."""
+        width = self.heads * self.dh
+        w, b = self.f1.weight, self.f1.bias
+        return F.silu(F.linear(xn, w[: 2 * width], b[: 2 * width])).split([width, width], dim=-1)
+
+    def project_kv(self, xn: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of normalised rows: the last part of ``f1`` only."""
+        width = self.heads * self.dh
+        w, b = self.f1.weight, self.f1.bias
+        return self._split_kv(F.silu(F.linear(xn, w[2 * width :], b[2 * width :])))
 
     def subset(self, groups: list[str], target_groups: list[str]) -> "FullAttentionLayer":
         new = shallow_copy(self)
@@ -205,9 +216,18 @@ class TargetAttentionLayer(_HSTULayer):
         self.f_uq = nn.Linear(config.d_model, 2 * width)
         self.f_kv = nn.Linear(config.d_model, 2 * self.kv_groups * self.dh)
 
+    def project_uq(self, xn: Tensor) -> tuple[Tensor, Tensor]:
+        """``(U_T, Q_T)`` of normalised T rows (eq. 12-13)."""
+        width = self.heads * self.dh
+        return F.silu(self.f_uq(xn)).split([width, width], dim=-1)
+
+    def project_kv(self, xn: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of normalised rows (eq. 14)."""
+        return self._split_kv(F.silu(self.f_kv(xn)))
+
     def context_kv(self, x_ctx: Tensor, ctx_groups: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of the non-T tokens (eq. 14 over the context rows), one layer at a time."""
-        return self._split_kv(F.silu(self.f_kv(self.gln_in(x_ctx, ctx_groups))))
+        return self.project_kv(self.gln_in(x_ctx, ctx_groups))
 
     def forward(
         self,
@@ -222,10 +242,9 @@ class TargetAttentionLayer(_HSTULayer):
 
         ``t_groups`` index ``gln_in``'s groups, ``t_out_groups`` index ``gln_attn``'s (T only).
         """
-        width = self.heads * self.dh
         xn = self.gln_in(x_t, t_groups)
-        u, q = F.silu(self.f_uq(xn)).split([width, width], dim=-1)
-        k_t, v_t = self._split_kv(F.silu(self.f_kv(xn)))
+        u, q = self.project_uq(xn)
+        k_t, v_t = self.project_kv(xn)
         targets, context = layout.queries("target"), layout.context()
         k = _scatter_rows(layout.num_tokens, (context.index, k_ctx), (targets.index, k_t))
         v = _scatter_rows(layout.num_tokens, (context.index, v_ctx), (targets.index, v_t))

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mtfm.data.batch import JaggedBatch
@@ -94,24 +93,6 @@ def _context_layout(req: _Request) -> AttentionLayout:
     return AttentionLayout(offsets, lay.token_type[ctx], lay.timestamps[ctx], torch.zeros_like(ctx), lay.expiry[ctx])
 
 
-def _project_kv(layer: TargetAttentionLayer | FullAttentionLayer, xn: Tensor) -> tuple[Tensor, Tensor]:
-    """Keys and values of normalised rows ``xn`` (the same projections the layers' forwards use)."""
-    if isinstance(layer, TargetAttentionLayer):
-        return layer._split_kv(F.silu(layer.f_kv(xn)))
-    width = layer.heads * layer.dh
-    w, b = layer.f1.weight, layer.f1.bias
-    return layer._split_kv(F.silu(F.linear(xn, w[2 * width:], b[2 * width:])))
-
-
-def _queries(layer: TargetAttentionLayer | FullAttentionLayer, xn: Tensor) -> tuple[Tensor, Tensor]:
-    """``(U, Q)`` of normalised rows ``xn``."""
-    width = layer.heads * layer.dh
-    if isinstance(layer, TargetAttentionLayer):
-        return F.silu(layer.f_uq(xn)).split([width, width], dim=-1)
-    w, b = layer.f1.weight, layer.f1.bias
-    return F.silu(F.linear(xn, w[: 2 * width], b[: 2 * width])).split([width, width], dim=-1)
-
-
 @torch.no_grad()
 def compute_prefix(model: MTFMBase, batch: JaggedBatch) -> UserPrefix:
     """Run the stack over the request's context tokens once; keep every layer's keys/values.
@@ -126,10 +107,10 @@ def compute_prefix(model: MTFMBase, batch: JaggedBatch) -> UserPrefix:
     kv: list[tuple[Tensor, Tensor]] = []
     for layer in _layers(model):
         xn = layer.gln_in(x, groups)
-        k, v = _project_kv(layer, xn)
+        k, v = layer.project_kv(xn)
         kv.append((k, v))
         if isinstance(layer, FullAttentionLayer) and not layer.pruned:  # only full layers change context rows
-            u, q = _queries(layer, xn)
+            u, q = layer.project_uq(xn)
             a = layer._attend(q, k, v, everyone, layout)
             x = layer._output(x, a, u, groups)
     return UserPrefix(kv, layout.token_type, layout.timestamps, layout.expiry)
@@ -159,8 +140,8 @@ def _score_rows(model: MTFMBase, prefix: UserPrefix, req: _Request, rows: Tensor
     x_t, g_all, g_t = req.x.index_select(0, tgt), req.groups_all.index_select(0, tgt), req.target_groups.index_select(0, rows)
     for layer, (k_ctx, v_ctx) in zip(_layers(model), prefix.kv):
         xn = layer.gln_in(x_t, g_all)
-        u, q = _queries(layer, xn)
-        k_t, v_t = _project_kv(layer, xn)
+        u, q = layer.project_uq(xn)
+        k_t, v_t = layer.project_kv(xn)
         k, v = torch.cat([k_ctx, k_t.to(k_ctx.dtype)]), torch.cat([v_ctx, v_t.to(v_ctx.dtype)])
         a = layer._attend(q, k, v, targets, layout)
         out_groups = g_all if isinstance(layer, FullAttentionLayer) and not layer.pruned else g_t

@@ -18,6 +18,7 @@ import polars as pl
 import torch
 
 from mtfm.data.loader import BatchLoader
+from mtfm.data.store import read_manifest
 from mtfm.train.evaluate import scenario_checkpoints
 from mtfm.train.models import model_from_checkpoint
 
@@ -63,11 +64,8 @@ def predict_split(run_dir: str | Path, data_dir: str | Path, split: str, out: st
     for scenario, ckpt in chosen.items():
         groups.setdefault(ckpt, []).append(scenario)
     frames: list[pl.DataFrame] = []
-    all_tasks: list[str] = []
-    for names in groups.values():
-        loader = BatchLoader(data_dir, split, batch_size, shuffle=False, seed=0, scenarios=names)
-        for s in loader.schema.scenarios:
-            all_tasks += [t for t in s.task_names if t not in all_tasks]
+    data_schema = read_manifest(data_dir).schema_obj.restrict(list(chosen))
+    all_tasks = list(dict.fromkeys(t for s in data_schema.scenarios for t in s.task_names))
     for ckpt, names in groups.items():
         model, _, schema = model_from_checkpoint(ckpt)
         loader = BatchLoader(data_dir, split, batch_size, shuffle=False, seed=0, scenarios=names)
