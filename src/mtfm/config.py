@@ -21,6 +21,8 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mtfm.yamlio import safe_load
+
 
 class SchemaError(ValueError):
     """A schema (YAML or in-memory) that does not validate; the message names file and field."""
@@ -334,7 +336,7 @@ def load_schema(path: str | Path) -> DataSchema:
     if not path.is_file():
         raise SchemaError(f"{path}: schema file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise SchemaError(f"{path}: not valid YAML: {err}") from None
     return schema_from_dict(raw, str(path))

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from mtfm.train.config import TrainConfig, load_train_config
+from mtfm.train.config import TrainConfig, load_train_config, train_config_from_dict
 from mtfm.train.models import ARCHS
 
 DESCRIPTION = """\
@@ -66,7 +66,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         base["bf16"] = True
     if args.quiet:
         base["progress"] = False
-    return TrainConfig.model_validate(base)
+    return train_config_from_dict(base, "training config (" + (f"{args.config} + " if args.config else "")
+                                  + "command line)")
 
 
 def model_config_from_args(arch: str, model: str | None) -> dict:

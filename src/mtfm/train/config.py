@@ -14,6 +14,8 @@ from typing import ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mtfm.yamlio import safe_load
+
 
 class TrainConfigError(ValueError):
     """A training configuration that does not validate; the message names file and field."""
@@ -30,7 +32,9 @@ class TrainConfig(BaseModel):
     ``best-<scenario>``, and early stopping waits for any of them to improve.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a learning rate (or any float setting) of nan or inf is refused at load,
+    # not discovered as a NaN loss some steps later.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     epochs: int = Field(default=1, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
@@ -108,7 +112,7 @@ def load_train_config(path: str | Path) -> TrainConfig:
     if not path.is_file():
         raise TrainConfigError(f"{path}: training config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise TrainConfigError(f"{path}: not valid YAML: {err}") from None
     return train_config_from_dict(raw, str(path))
