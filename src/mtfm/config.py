@@ -21,6 +21,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mtfm.errors import UnknownNameError
 from mtfm.yamlio import safe_load
 
 
@@ -267,7 +268,7 @@ class DataSchema(_Strict):
         for s in self.scenarios:
             if s.name == name:
                 return s
-        raise KeyError(f"unknown scenario {name!r}; the schema has {self.scenario_names}")
+        raise UnknownNameError(f"unknown scenario {name!r}; the schema has {self.scenario_names}")
 
     def token_groups(self) -> list[str]:
         """Group LayerNorm groups, in a fixed order: history types, real-time types, scenarios.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 # One module per subcommand, in the order `mtfm --help` lists them.
 _COMMAND_MODULES: tuple[str, ...] = (
@@ -32,11 +33,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_USER_ERROR = 2
+EXIT_BUG = 1
+
+
+def _os_error_message(err: OSError, args: argparse.Namespace) -> str:
+    """An OSError as one line naming the path: the one the system names, else the command's output."""
+    if err.filename is None:  # e.g. a write that hit a full disk: the path is the output being written
+        where = getattr(args, "out", None) or getattr(args, "run", None)
+        return f"{err}" + (f" (while writing {where})" if where and err.strerror else "")
+    text = f"{err.filename}: {err.strerror or err}"
+    return text + (f" (-> {err.filename2})" if err.filename2 is not None else "")
+
+
+def user_error_message(err: BaseException, args: argparse.Namespace) -> str | None:
+    """The one-line message for an error that is the user's to fix, or None for a bug.
+
+    The user's errors (see :mod:`mtfm.errors`): bad input (``ValueError`` and the project's
+    subclasses), a broken run directory (``CheckpointError``), a non-finite training loss
+    (``FloatingPointError``, raised by the trainer naming the step) and the file system
+    (``OSError``: missing, permission, not a directory, disk full, locked by another process).
+    """
+    from mtfm.train.checkpoint import CheckpointError
+
+    if isinstance(err, OSError):
+        return _os_error_message(err, args)
+    if isinstance(err, (ValueError, CheckpointError, FloatingPointError)):
+        return str(err)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. The user's errors print one line and exit with status 2; anything
+    else prints its traceback and asks for a bug report (status 1)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
-        # Bad input: one clear message naming what is wrong, no traceback.
-        print(f"mtfm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # noqa: BLE001 -- sorted into the user's errors and bugs below
+        message = user_error_message(err, args)
+        if message is None:
+            traceback.print_exc()
+            print(f"mtfm {args.command}: internal error ({type(err).__name__}): this is a bug in mtfm; please "
+                  "report it with the traceback above and the command line", file=sys.stderr)
+            return EXIT_BUG
+        print(f"mtfm {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 import time
 
 from mtfm.config import load_schema
@@ -99,13 +98,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     raw = module.load_source(args.path, schema, args.users, args.seed)
     load_s = time.perf_counter() - t0
-    try:
-        manifest = prepare(raw, args.out, scenarios=scenarios, shards=args.shards,
-                           max_shard_rows=args.max_shard_rows, overwrite=args.overwrite, progress=not args.quiet,
-                           oracle_splits=tuple(s.strip() for s in args.oracle_splits.split(",") if s.strip()))
-    except FileExistsError as err:
-        print(f"mtfm prepare: error: {err}", file=sys.stderr)
-        return 2
+    manifest = prepare(raw, args.out, scenarios=scenarios, shards=args.shards,
+                       max_shard_rows=args.max_shard_rows, overwrite=args.overwrite, progress=not args.quiet,
+                       oracle_splits=tuple(s.strip() for s in args.oracle_splits.split(",") if s.strip()))
     print(format_summary(manifest))
     total, cpu = manifest.timings_s.get("total", 0.0), manifest.cpu_s.get("total", 0.0)
     rate = manifest.input_exposures / total if total > 0 else float("nan")

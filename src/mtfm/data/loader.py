@@ -78,6 +78,7 @@ from mtfm.data.store import (
     sequence_types,
     source_row_column,
 )
+from mtfm.errors import UnknownNameError
 
 _TORCH_DTYPES = {pa.int64(): torch.int64, pa.int32(): torch.int32, pa.float32(): torch.float32, pa.int8(): torch.int8}
 
@@ -349,12 +350,12 @@ class BatchLoader:
         self.data_dir = Path(data_dir)
         self.manifest: Manifest = read_manifest(self.data_dir)
         if split not in self.manifest.splits:
-            raise KeyError(f"unknown split {split!r}; {self.data_dir} has {sorted(self.manifest.splits)}")
+            raise UnknownNameError(f"unknown split {split!r}; {self.data_dir} has {sorted(self.manifest.splits)}")
         full = self.manifest.schema_obj
         try:
             self.schema: DataSchema = full if scenarios is None else full.restrict(list(scenarios))
         except SchemaError as err:
-            raise KeyError(f"{self.data_dir}: {err}") from None
+            raise UnknownNameError(f"{self.data_dir}: {err}") from None
         shards = self.manifest.splits[split].shards
         if len(shards) < world_size:
             raise ValueError(
