@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+from mtfm.dirlock import hold_dir_lock
 from mtfm.train.checkpoint import write_json
 from mtfm.train.config import TrainConfig
 
@@ -67,16 +68,22 @@ def _stage(title: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mtfm.model.config import load_model_config
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    model_config = load_model_config(args.model).model_dump(mode="json")  # a bad config fails before any work
+    with hold_dir_lock(out, "mtfm demo"):  # a second demo into --out fails at once instead of clearing it
+        return _run_locked(args, out, model_config, start)
+
+
+def _run_locked(args: argparse.Namespace, out: Path, model_config: dict, start: float) -> int:
     from mtfm.data.aggregate import prepare
     from mtfm.data.store import format_summary
-    from mtfm.model.config import load_model_config
     from mtfm.train.evaluate import evaluate_run, format_table
     from mtfm.train.trainer import train_from_data
 
-    start = time.perf_counter()
     defaults = DEFAULTS[args.dataset]
-    out = Path(args.out)
-    model_config = load_model_config(args.model).model_dump(mode="json")  # a bad config fails before any work
     _fresh_out_dir(out)
     data, mtfm_run, lr_run = out / "data", out / "mtfm", out / "lr"
     timings: dict[str, float] = {}

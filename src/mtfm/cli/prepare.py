@@ -13,6 +13,7 @@ import time
 from mtfm.config import load_schema
 from mtfm.data.aggregate import DEFAULT_MAX_SHARD_ROWS, DEFAULT_ORACLE_SPLITS, prepare
 from mtfm.data.store import format_summary
+from mtfm.dirlock import hold_dir_lock
 
 SOURCES = ("synthetic", "movielens", "kuairand", "directory")
 
@@ -89,6 +90,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The lock first: a second prepare into DIR fails at once, not after loading its source.
+    with hold_dir_lock(args.out, "mtfm prepare"):
+        return _run_locked(args)
+
+
+def _run_locked(args: argparse.Namespace) -> int:
     schema = load_schema(args.schema) if args.schema else None
     try:
         module = importlib.import_module(f"mtfm.data.sources.{args.source}")

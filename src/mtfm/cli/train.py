@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from contextlib import nullcontext
 
+from mtfm.dirlock import hold_dir_lock
 from mtfm.train.config import TrainConfig, load_train_config, train_config_from_dict
 from mtfm.train.models import ARCHS
 
@@ -81,6 +83,13 @@ def model_config_from_args(arch: str, model: str | None) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    # RUN's lock before any work, so a second train into it fails at once (under torchrun rank 0
+    # locks; the trainer takes the same lock again, which a process may).
+    with hold_dir_lock(args.out, "mtfm train") if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+        return _run_locked(args)
+
+
+def _run_locked(args: argparse.Namespace) -> int:
     from mtfm.train.trainer import train_from_data
 
     cfg = train_config_from_args(args)

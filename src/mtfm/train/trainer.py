@@ -21,6 +21,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 
 from mtfm.config import DataSchema
 from mtfm.data.batch import JaggedBatch
+from mtfm.dirlock import hold_dir_lock
 from mtfm.train.checkpoint import CheckpointError, CheckpointManager, read_json, write_json
 from mtfm.train.config import TrainConfig, cpu_threads, resume_mismatches
 from mtfm.train.distributed import DistContext, all_max_int, all_sum_floats, same_on_all_ranks
@@ -395,6 +397,12 @@ class Trainer:
         return None
 
     def run(self, resume: bool = False) -> TrainResult:
+        """Train (or resume) to the end; rank 0 holds the run directory's lock meanwhile
+        (:mod:`mtfm.dirlock`), so a second run into it fails instead of interleaving."""
+        with hold_dir_lock(self.run_dir, "mtfm train") if self.ctx.is_main else nullcontext():
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> TrainResult:
         if resume:
             self.restore()
         elif self.ckpt.latest() is not None:
