@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import time
+from pathlib import Path
 
 from mtfm.config import load_schema
 from mtfm.data.aggregate import DEFAULT_MAX_SHARD_ROWS, DEFAULT_ORACLE_SPLITS, prepare
+from mtfm.data.output import check_out_dir
 from mtfm.data.store import format_summary
 from mtfm.dirlock import hold_dir_lock
 
@@ -46,6 +48,12 @@ bad-input policy:
   (the earliest); those left out are counted per type in manifest.json "realtime_truncated"
   and printed (behaviour rows, not exposures).
   accounting, always checked: input_exposures == output_exposures + sum(dropped).
+
+run safety:
+  DIR is locked while prepare runs (a second prepare or train on it fails at once, naming the
+  holder's pid); the output is written into .DIR.prepare-<pid> beside DIR and swapped in only
+  when complete, so a failed --overwrite leaves the old data intact; manifest.json records
+  every shard file's rows, size and CRC-32, which the loader checks.
 
 sources:
   synthetic  generated multi-scenario world with oracle probabilities (--users, --seed)
@@ -84,7 +92,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="splits whose oracle AUC/GAUC table (tasks with an oracle column) is computed "
                         f"(default {','.join(DEFAULT_ORACLE_SPLITS)}; add train if wanted, it is the slow one)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier prepare's output in DIR (its split folders and manifest.json)")
+                   help="replace an earlier prepare's output in DIR (which must hold nothing else); the new "
+                        "output is written beside it and swapped in only when complete")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -92,6 +101,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # The lock first: a second prepare into DIR fails at once, not after loading its source.
     with hold_dir_lock(args.out, "mtfm prepare"):
+        check_out_dir(Path(args.out).resolve(), args.overwrite)
         return _run_locked(args)
 
 

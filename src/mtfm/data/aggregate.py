@@ -54,7 +54,6 @@ taken from the manifest.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -75,12 +74,14 @@ from mtfm.data.encode import (
     fit_frame,
     range_positions,
 )
+from mtfm.data.output import check_out_dir, remove_stale_staging, staged_output
 from mtfm.data.raw import RawTables
 from mtfm.data.store import (
     SPLITS,
     Manifest,
     ScenarioInfo,
     SequenceFileInfo,
+    ShardDigests,
     ShardInfo,
     ShardTables,
     SplitBoundaries,
@@ -106,6 +107,8 @@ from mtfm.data.validate import (
     validate_raw,
     validate_sequence_table,
 )
+from mtfm.dirlock import hold_dir_lock
+from mtfm.errors import UnknownNameError
 from mtfm.metrics import task_metrics
 
 DEFAULT_MAX_SHARD_ROWS = 2_000_000  # exposures + sequence items per shard
@@ -832,22 +835,6 @@ def _oracle_table(agg: Aggregation, splits: tuple[str, ...]) -> dict[str, dict[s
     return {name: out[name] for name in SPLITS if name in out}
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Fail before any work when the output would silently mix with an earlier run."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
-
-
-def _clear_out_dir(out_dir: Path) -> None:
-    """Remove what an earlier prepare wrote (only its own files: split folders and the manifest)."""
-    for split in SPLITS:
-        shutil.rmtree(out_dir / split, ignore_errors=True)
-    (out_dir / "manifest.json").unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
 def _write_shards(agg: Aggregation, out_dir: Path, shards: int, max_shard_rows: int,
                   progress: bool) -> dict[str, SplitInfo]:
     """Write every split's shards; two writer threads overlap Parquet encoding with gathering."""
@@ -860,26 +847,34 @@ def _write_shards(agg: Aggregation, out_dir: Path, shards: int, max_shard_rows: 
         per = agg.exposures_of(members)
         infos[split] = SplitInfo(samples=int(members.size), exposures=sum(per.values()), scenario_exposures=per,
                                  shards=[])
-    pending: list[Future] = []
+    pending: list[tuple[ShardInfo, Future]] = []
     with ThreadPoolExecutor(max_workers=2) as pool:
         for split, i, samples in tqdm(plan, desc="writing shards", unit="shard", disable=not progress):
             (out_dir / split).mkdir(parents=True, exist_ok=True)
             rel = f"{split}/part-{i:05d}.parquet"
             shard = agg.shard(samples)
             while len(pending) >= 2:
-                pending.pop(0).result()
-            pending.append(pool.submit(write_shard, shard, out_dir / rel))
+                _record_digests(*pending.pop(0))
             seq_info = {}
             for seq in agg.sequences:
                 items = int((seq.end[samples] - seq.start[samples]).sum())
                 seq_info[seq.prefix] = SequenceFileInfo(path=str(sequence_path(rel, seq.prefix)),
                                                         rows=shard.sequences[seq.prefix].num_rows, items=items)
-            infos[split].shards.append(ShardInfo(path=rel, samples=int(samples.size),
-                                                 exposures=sum(agg.exposures_of(samples).values()),
-                                                 sequences=seq_info))
-        for f in pending:
-            f.result()
+            info = ShardInfo(path=rel, samples=int(samples.size), exposures=sum(agg.exposures_of(samples).values()),
+                             sequences=seq_info)
+            infos[split].shards.append(info)
+            pending.append((info, pool.submit(write_shard, shard, out_dir / rel)))
+        for info, future in pending:
+            _record_digests(info, future)
     return infos
+
+
+def _record_digests(info: ShardInfo, written: Future) -> None:
+    """Wait for a shard's write and put its files' sizes and checksums into its manifest entry."""
+    digests: ShardDigests = written.result()
+    info.size, info.checksum = digests.samples
+    for prefix, digest in digests.sequences.items():
+        info.sequences[prefix].size, info.sequences[prefix].checksum = digest
 
 
 def prepare(raw: RawTables, out_dir: str | Path, *, scenarios: list[str] | None = None, shards: int = 1,
@@ -893,20 +888,32 @@ def prepare(raw: RawTables, out_dir: str | Path, *, scenarios: list[str] | None 
     ``oracle_splits``: splits whose oracle AUC/GAUC table is computed. Default valid and test,
     the splits a model is evaluated on: the ceiling matters there, and the train split (most
     of the rows) would cost more than the aggregation itself.
+
+    ``out_dir`` is locked for the call (:mod:`mtfm.dirlock`: a second prepare or train there
+    fails at once) and written through a staging directory swapped in only when complete
+    (:mod:`mtfm.data.output`): with ``overwrite``, a failure leaves the old output intact.
     """
     if shards < 1 or max_shard_rows < 1:
         raise ValueError(f"shards ({shards}) and max_shard_rows ({max_shard_rows}) must be >= 1")
     unknown = [s for s in oracle_splits if s not in SPLITS]
     if unknown:
         raise ValueError(f"unknown oracle split(s) {unknown}; the splits are {list(SPLITS)}")
+    out_dir = Path(out_dir).resolve()  # a symlinked --out: its target is replaced, the link kept
+    with hold_dir_lock(out_dir, "mtfm prepare"):
+        check_out_dir(out_dir, overwrite)
+        remove_stale_staging(out_dir)
+        with staged_output(out_dir) as staging:
+            return _prepare_into(staging, raw, scenarios, shards, max_shard_rows, oracle_splits, progress)
+
+
+def _prepare_into(out_dir: Path, raw: RawTables, scenarios: list[str] | None, shards: int, max_shard_rows: int,
+                  oracle_splits: tuple[str, ...], progress: bool) -> Manifest:
+    """:func:`prepare`'s work, into an empty directory (the staging directory)."""
     timer = PhaseTimer()
     schema = raw.schema if scenarios is None else raw.schema.restrict(scenarios)
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
     validate_raw(raw, schema)
     timer.tick("validate")
     agg = aggregate(raw.tables, raw.origins, schema, timer=timer)
-    _clear_out_dir(out_dir)
     # The oracle table (sorts in numpy / scikit-learn, which release the GIL) runs beside the
     # shard writes: "write" is charged the CPU of both, "oracle" only the wait that is left.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtfm-oracle") as side:
@@ -941,6 +948,7 @@ def prepare(raw: RawTables, out_dir: str | Path, *, scenarios: list[str] | None 
         versions={"polars": pl.__version__, "pyarrow": pa.__version__, "numpy": np.__version__},
     )
     manifest.check_accounting()
+    manifest.check_counts()
     manifest.timings_s, manifest.cpu_s = timer.totals()
     write_manifest(manifest, out_dir)
     return manifest
@@ -971,7 +979,7 @@ def build_request(tables: RawTables | Mapping[str, pl.DataFrame], manifest: Mani
 
     full = manifest.schema_obj
     if scenario not in full.scenario_names:
-        raise KeyError(f"unknown scenario {scenario!r}; the prepared data has {full.scenario_names}")
+        raise UnknownNameError(f"unknown scenario {scenario!r}; the prepared data has {full.scenario_names}")
     schema = full.restrict([scenario])
     spec = schema.scenario(scenario)
     frames = tables.tables if isinstance(tables, RawTables) else dict(tables)

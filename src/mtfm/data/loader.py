@@ -65,9 +65,11 @@ from mtfm.data.batch import (
 )
 from mtfm.data.encode import range_positions
 from mtfm.data.store import (
+    MANIFEST_NAME,
     Manifest,
     ShardTables,
     bound_columns,
+    check_shard_files,
     label_column,
     oracle_column,
     read_manifest,
@@ -76,6 +78,7 @@ from mtfm.data.store import (
     scenario_feature_columns,
     scenario_prefix,
     sequence_types,
+    shard_field,
     source_row_column,
 )
 from mtfm.errors import UnknownNameError
@@ -365,6 +368,11 @@ class BatchLoader:
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
         self.rank, self.world_size, self.prefetch, self.drop_last = rank, world_size, prefetch, drop_last
         self.shards = shards[rank::world_size]
+        # How errors name each of this rank's shards: "DIR/manifest.json: splits.train.shards[3]".
+        self._fields = [f"{self.data_dir / MANIFEST_NAME}: {shard_field(split, i)}"
+                        for i in range(rank, len(shards), world_size)]
+        for shard, where in zip(self.shards, self._fields):
+            check_shard_files(self.data_dir, shard, where)  # before any work: a stat + a footer per file
         self.columns = sample_columns(self.schema)
         self._filtered = scenarios is not None and len(self.schema.scenarios) < len(full.scenarios)
         self._keep = [self._kept_samples(s.path, s.samples) for s in self.shards]
@@ -403,8 +411,10 @@ class BatchLoader:
         return plan
 
     def _read(self, pos: int) -> LoadedShard:
+        """Shard ``pos``, its bytes checked against the manifest (size, checksum, rows) as read."""
         path = self.data_dir / self.shards[pos].path
-        return LoadedShard(read_shard(path, self.schema, self.columns), self.schema, str(path))
+        tables = read_shard(path, self.schema, self.columns, expect=self.shards[pos], where=self._fields[pos])
+        return LoadedShard(tables, self.schema, str(path))
 
     def _batches(self, epoch: int, start_batch: int) -> Iterator[JaggedBatch]:
         skip = start_batch * self.batch_size
