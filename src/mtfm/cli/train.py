@@ -49,7 +49,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: $OMP_NUM_THREADS, else one core less than the machine has, "
                         "so the loader's prefetch thread keeps a core)")
-    p.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue RUN from its latest intact checkpoint (a damaged one is skipped, with a warning, "
+                        "for the one before it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

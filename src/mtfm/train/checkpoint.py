@@ -10,6 +10,7 @@ A checkpoint is a directory, so a reader never sees half of one:
         rng-rank<R>.json         numpy and Python generator states of rank R
         state.json               training progress (epoch, batch, step, early stopping, ...)
         config.json              what is needed to rebuild the model (arch, model config, schema)
+        checksums.json           size and CRC-32 of every file above (written last)
     RUN/checkpoints/latest.json  {"checkpoint": "step-00000120"}
     RUN/checkpoints/snapshot-00000100/  model.safetensors + config.json (model-only)
     RUN/checkpoints/best.json    {"checkpoint": "snapshot-00000100"}  best by the mean valid GAUC
@@ -18,6 +19,13 @@ A checkpoint is a directory, so a reader never sees half of one:
 Everything is first written into a hidden temporary directory next to its final place and
 then renamed (``os.rename`` is atomic on one filesystem); pointer files are replaced with
 ``os.replace``. A run killed at any moment leaves the previous checkpoint and pointer intact.
+
+Damage is found and named, not trusted. ``checksums.json`` lists every file's size and CRC-32;
+:meth:`CheckpointManager.verify` checks them before anything is loaded, and unreadable files
+(a checkpoint written before checksums, or a missing ``checksums.json``) fail to parse with the
+file named. Both raise :class:`CorruptCheckpointError`. ``--resume`` then falls back to the
+previous training checkpoint (``keep_checkpoints`` of them are kept) with a warning, all ranks
+agreeing on which one (:meth:`mtfm.train.trainer.Trainer.restore`).
 
 Exact resume needs every source of randomness: the model and optimizer tensors, each rank's
 RNG states, and the trainer's progress (epoch, batch index inside the epoch, step, the
@@ -31,20 +39,29 @@ import json
 import os
 import random
 import shutil
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from mtfm.checksum import file_checksum
+
 LATEST = "latest.json"
+CHECKSUMS = "checksums.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete, or does not fit the current run."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file that is truncated, damaged or unreadable; the message names it."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,8 +98,45 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptCheckpointError(f"{path}: not valid JSON (damaged?): {err}") from None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with a missing or damaged file named in the error."""
+    if not path.is_file():
+        raise CorruptCheckpointError(f"{path}: missing; the checkpoint is incomplete")
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise CorruptCheckpointError(f"{path}: unreadable (truncated or damaged?): {err}") from None
+
+
+def write_checksums(ckpt: Path) -> None:
+    """Record the size and checksum of every file of ``ckpt`` in ``ckpt/checksums.json``."""
+    entries = {}
+    for f in sorted(p for p in ckpt.iterdir() if p.is_file() and p.name != CHECKSUMS):
+        size, crc = file_checksum(f)
+        entries[f.name] = {"size": size, "checksum": crc}
+    (ckpt / CHECKSUMS).write_text(json.dumps(entries, indent=2))
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Check every file of ``ckpt`` against its ``checksums.json``; raise
+    :class:`CorruptCheckpointError` naming the first that is missing or differs. A checkpoint
+    written before checksums were recorded has none: its files are checked as they are parsed."""
+    listed = ckpt / CHECKSUMS
+    if not listed.is_file():
+        return
+    for name, want in read_json(listed).items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CorruptCheckpointError(f"{path}: missing; {listed} lists it")
+        size, crc = file_checksum(path)
+        if size != want["size"]:
+            raise CorruptCheckpointError(f"{path}: {size:,} bytes, {listed} says {want['size']:,} (truncated?)")
+        if crc != want["checksum"]:
+            raise CorruptCheckpointError(f"{path}: checksum {crc}, {listed} says {want['checksum']} (damaged)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,7 +262,9 @@ class CheckpointManager:
     # ---- writing ----------------------------------------------------------------------------
 
     def _publish(self, tmp: Path, name: str, pointer: str | None) -> Path:
-        """Rank 0: flush ``tmp``'s files, rename it to ``name``, point ``pointer`` (if any) at it."""
+        """Rank 0: checksum and flush ``tmp``'s files, rename it to ``name``, point ``pointer``
+        (if any) at it."""
+        write_checksums(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -303,7 +359,9 @@ class CheckpointManager:
     # ---- reading ----------------------------------------------------------------------------
 
     def load(self, ckpt: Path, *, model: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer]) -> dict:
-        """Restore model, optimizers and this rank's RNG from ``ckpt``; return the training state."""
+        """Restore model, optimizers and this rank's RNG from ``ckpt``; return the training state.
+        Files are verified against ``checksums.json`` first (:func:`verify_checkpoint`)."""
+        verify_checkpoint(ckpt)
         state = read_json(ckpt / "state.json")
         if state.get("world_size") != self.world_size:
             raise CheckpointError(
@@ -312,13 +370,58 @@ class CheckpointManager:
             )
         load_model_weights(ckpt, model)
         optimizer_state_from_flat(
-            optimizers, load_file(str(ckpt / "optimizer.safetensors")), read_json(ckpt / "optimizer.json"), str(ckpt)
+            optimizers, _load_tensors(ckpt / "optimizer.safetensors"), read_json(ckpt / "optimizer.json"), str(ckpt)
         )
         rng_file = ckpt / f"rng-rank{self.rank}.safetensors"
-        if not rng_file.is_file():
-            raise CheckpointError(f"{rng_file}: missing; the checkpoint is incomplete")
-        restore_rng(load_file(str(rng_file)), read_json(ckpt / f"rng-rank{self.rank}.json"))
+        restore_rng(_load_tensors(rng_file), read_json(ckpt / f"rng-rank{self.rank}.json"))
         return state
+
+    def resume_candidates(self) -> list[Path]:
+        """Training checkpoints to resume from, best first: the one ``latest.json`` points at,
+        then the older ones still kept, newest first. An unreadable ``latest.json`` is skipped
+        with a warning (every kept checkpoint is then a candidate)."""
+        steps = sorted((p for p in self.root.glob("step-*") if p.is_dir()), reverse=True)
+        try:
+            latest = self.latest()
+        except CheckpointError as err:
+            warnings.warn(f"{err}; trying the checkpoints kept in {self.root}", stacklevel=2)
+            return steps
+        if latest is None:
+            return []
+        return [latest] + [p for p in steps if p.name < latest.name]
+
+    def load_resumable(
+        self,
+        *,
+        model: nn.Module,
+        optimizers: Mapping[str, torch.optim.Optimizer],
+        check: Callable[[Path], None] = lambda ckpt: None,
+        agree: Callable[[bool], bool] = lambda ok: ok,
+    ) -> tuple[Path, dict]:
+        """Load the newest intact training checkpoint (:meth:`resume_candidates`); return it and
+        its training state.
+
+        A damaged one (:class:`CorruptCheckpointError`) is skipped with a warning naming the
+        file, for the one before it. ``check(ckpt)`` runs before loading (the trainer compares
+        settings there; its errors are not damage and stop the resume). ``agree(ok)`` turns
+        this rank's verdict into every rank's (under torchrun: a rank that found damage makes
+        all ranks fall back together), so ranks never resume from different checkpoints.
+        """
+        candidates = self.resume_candidates()
+        if not candidates:
+            raise CheckpointError(f"{self.root}: no checkpoint to resume from")
+        problems = []
+        for ckpt in candidates:
+            check(ckpt)
+            try:
+                state, problem = self.load(ckpt, model=model, optimizers=optimizers), None
+            except CorruptCheckpointError as err:
+                state, problem = None, str(err)
+            if agree(problem is None):
+                return ckpt, state
+            problems.append(problem or f"{ckpt}: damaged on another rank")
+            warnings.warn(f"cannot resume from {ckpt}: {problems[-1]}; trying the previous checkpoint", stacklevel=2)
+        raise CorruptCheckpointError(f"{self.root}: no intact checkpoint to resume from ({'; '.join(problems)})")
 
 
 def load_model_weights(ckpt: str | Path, model: nn.Module) -> None:
@@ -328,6 +431,8 @@ def load_model_weights(ckpt: str | Path, model: nn.Module) -> None:
         raise CheckpointError(f"{path}: file not found")
     try:
         missing, unexpected = load_model(model, str(path), strict=True)
+    except SafetensorError as err:
+        raise CorruptCheckpointError(f"{path}: unreadable (truncated or damaged?): {err}") from None
     except RuntimeError as err:
         raise CheckpointError(f"{path}: does not fit the model: {err}") from None
     if missing or unexpected:

@@ -13,7 +13,7 @@ from typing import Literal
 from torch import nn
 
 from mtfm.config import DataSchema, schema_from_dict
-from mtfm.train.checkpoint import load_model_weights, read_checkpoint_config
+from mtfm.train.checkpoint import load_model_weights, read_checkpoint_config, verify_checkpoint
 
 Arch = Literal["mtfm", "logistic"]
 ARCHS: tuple[str, ...] = ("mtfm", "logistic")
@@ -34,7 +34,9 @@ def build_model(arch: str, model_config: dict, schema: DataSchema) -> nn.Module:
 
 
 def model_from_checkpoint(ckpt: str | Path) -> tuple[nn.Module, dict, DataSchema]:
-    """Rebuild the model saved in ``ckpt`` and load its weights; also return its config and schema."""
+    """Rebuild the model saved in ``ckpt`` and load its weights; also return its config and schema.
+    The checkpoint's files are verified first: a damaged one is named, not loaded."""
+    verify_checkpoint(Path(ckpt))
     config = read_checkpoint_config(ckpt)
     schema = schema_from_dict(config["schema"], f"{ckpt}/config.json: schema")
     model = build_model(config["arch"], config["model"], schema)

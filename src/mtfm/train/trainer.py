@@ -231,16 +231,18 @@ class Trainer:
     # ---- checkpoints ------------------------------------------------------------------------
 
     def restore(self) -> None:
-        latest = self.ckpt.latest()
-        if latest is None:
-            raise CheckpointError(f"{self.ckpt.root}: no checkpoint to resume from")
-        saved = TrainConfig.model_validate(read_json(latest / "config.json")["train"])
-        bad = resume_mismatches(saved, self.cfg)
-        if bad:
-            raise CheckpointError(
-                f"{latest}: cannot resume exactly, these training settings differ from the checkpoint: {bad}"
-            )
-        raw = self.ckpt.load(latest, model=self.model, optimizers=self.optimizers)
+        """Load the newest intact checkpoint; a damaged one is skipped, with a warning naming the
+        file, for the one before it (every rank agreeing; see ``CheckpointManager.load_resumable``)."""
+        def check(ckpt: Path) -> None:
+            saved = TrainConfig.model_validate(read_json(ckpt / "config.json")["train"])
+            bad = resume_mismatches(saved, self.cfg)
+            if bad:
+                raise CheckpointError(
+                    f"{ckpt}: cannot resume exactly, these training settings differ from the checkpoint: {bad}"
+                )
+
+        _, raw = self.ckpt.load_resumable(model=self.model, optimizers=self.optimizers, check=check,
+                                          agree=lambda ok: all_max_int(self.ctx, int(not ok)) == 0)
         raw.pop("world_size", None)
         self.state = TrainState.model_validate(raw)
 
@@ -496,9 +498,11 @@ def _rank_seed(seed: int, rank: int) -> int:
 
 
 def _check_resumable(run_dir: Path, run_config: dict) -> None:
-    latest = CheckpointManager(run_dir).latest()
-    if latest is None:
+    """Refuse to resume a run with another model, scenarios or schema."""
+    candidates = CheckpointManager(run_dir).resume_candidates()
+    if not candidates:
         raise CheckpointError(f"{run_dir}: no checkpoint to resume from")
+    latest = candidates[0]
     saved = read_json(latest / "config.json")
     for key in ("arch", "model", "scenarios", "schema"):
         if saved.get(key) != run_config.get(key):
