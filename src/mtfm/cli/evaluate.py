@@ -26,6 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", metavar="RUN", default=None,
                    help="another run (e.g. --arch logistic) to show beside, with the share of its gap to the oracle closed")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="score although DIR is not the data RUN was trained on (its manifest fingerprint differs); "
+                        "refused without this flag")
     p.set_defaults(func=run)
 
 
@@ -33,13 +36,13 @@ def run(args: argparse.Namespace) -> int:
     from mtfm.train.evaluate import evaluate_run, format_table
 
     metrics, chosen = evaluate_run(args.run, args.data, args.split, checkpoint=args.checkpoint,
-                                   batch_size=args.batch_size)
+                                   batch_size=args.batch_size, allow_other_data=args.allow_other_data)
     out = Path(args.run) / f"eval_{args.split}.json"
     write_json(out, metrics)
     baseline = None
     if args.baseline is not None:
         baseline, _ = evaluate_run(args.baseline, args.data, args.split, checkpoint=args.checkpoint,
-                                   batch_size=args.batch_size)
+                                   batch_size=args.batch_size, allow_other_data=args.allow_other_data)
         write_json(Path(args.baseline) / f"eval_{args.split}.json", baseline)
     print(f"{args.split} split of {args.data}; checkpoints ({args.checkpoint}): "
           + ", ".join(f"{s} <- {p.name}" for s, p in chosen.items()) + "\n")

@@ -22,6 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="best: each scenario from its own best epoch by valid GAUC (default); best-overall; last")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="score although DIR is not the data RUN was trained on (its manifest fingerprint differs)")
     p.set_defaults(func=run)
 
 
@@ -29,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from mtfm.serve.predict import predict_split
 
     frame = predict_split(args.run, args.data, args.split, args.out, checkpoint=args.checkpoint,
-                          batch_size=args.batch_size, overwrite=args.overwrite)
+                          batch_size=args.batch_size, overwrite=args.overwrite,
+                          allow_other_data=args.allow_other_data)
     per = frame.group_by("scenario", maintain_order=True).len()
     print(f"wrote {args.out}: {len(frame):,} exposures ("
           + ", ".join(f"{s} {n:,}" for s, n in per.iter_rows()) + ")")

@@ -52,6 +52,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue RUN from its latest intact checkpoint (a damaged one is skipped, with a warning, "
                         "for the one before it)")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="with --resume: continue although DIR is not the data RUN was trained on (its manifest "
+                        "fingerprint differs); refused without this flag")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -96,7 +99,8 @@ def _run_locked(args: argparse.Namespace) -> int:
 
     cfg = train_config_from_args(args)
     result = train_from_data(args.data, args.out, arch=args.arch, model_config=model_config_from_args(args.arch, args.model),
-                             cfg=cfg, scenarios=_scenarios(args.scenarios), resume=args.resume)
+                             cfg=cfg, scenarios=_scenarios(args.scenarios), resume=args.resume,
+                             allow_other_data=args.allow_other_data)
     m = result.metrics
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0

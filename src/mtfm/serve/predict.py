@@ -21,6 +21,7 @@ from mtfm.data.loader import BatchLoader
 from mtfm.data.store import read_manifest
 from mtfm.train.evaluate import scenario_checkpoints
 from mtfm.train.models import model_from_checkpoint
+from mtfm.train.rundata import check_checkpoint_data
 
 
 @torch.no_grad()
@@ -53,9 +54,11 @@ def _score_split(model: torch.nn.Module, loader: BatchLoader, ckpt: Path, tables
 
 
 def predict_split(run_dir: str | Path, data_dir: str | Path, split: str, out: str | Path, *,
-                  checkpoint: str = "best", batch_size: int = 256, overwrite: bool = False) -> pl.DataFrame:
+                  checkpoint: str = "best", batch_size: int = 256, overwrite: bool = False,
+                  allow_other_data: bool = False) -> pl.DataFrame:
     """Score every exposure of ``split`` and write ``out`` (Parquet, written to a temporary file
-    then renamed, so a reader never sees half a file). Returns the written frame."""
+    then renamed, so a reader never sees half a file). Returns the written frame. Data other
+    than the run's (by fingerprint, :mod:`mtfm.train.rundata`) is refused unless ``allow_other_data``."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: exists (pass --overwrite to replace it)")
@@ -63,6 +66,8 @@ def predict_split(run_dir: str | Path, data_dir: str | Path, split: str, out: st
     groups: dict[Path, list[str]] = {}
     for scenario, ckpt in chosen.items():
         groups.setdefault(ckpt, []).append(scenario)
+    for ckpt in groups:
+        check_checkpoint_data(ckpt, data_dir, action="predict", allow_other_data=allow_other_data)
     frames: list[pl.DataFrame] = []
     data_schema = read_manifest(data_dir).schema_obj.restrict(list(chosen))
     all_tasks = list(dict.fromkeys(t for s in data_schema.scenarios for t in s.task_names))

@@ -248,20 +248,25 @@ def evaluate_run(
     checkpoint: str = "best",
     batch_size: int = 256,
     device: str = "cpu",
+    allow_other_data: bool = False,
 ) -> tuple[Metrics, dict[str, Path]]:
     """Metrics of a trained run on ``split`` of ``data_dir``; also which checkpoint scored each scenario.
 
     Only the scenarios the model was trained on are read; the data's schema for them must be
-    the one the model was built from (else the ids would mean other things).
+    the one the model was built from (else the ids would mean other things), and the data
+    itself the run's (its fingerprint, :mod:`mtfm.train.rundata`) unless ``allow_other_data``.
     """
     from mtfm.data.loader import BatchLoader
     from mtfm.train.distributed import choose_device
     from mtfm.train.models import model_from_checkpoint
+    from mtfm.train.rundata import check_checkpoint_data
 
     chosen = scenario_checkpoints(run_dir, checkpoint)
     groups: dict[Path, list[str]] = {}
     for scenario, ckpt in chosen.items():
         groups.setdefault(ckpt, []).append(scenario)
+    for ckpt in groups:
+        check_checkpoint_data(ckpt, data_dir, action="evaluate", allow_other_data=allow_other_data)
     dev = choose_device(device, 0)
     metrics: Metrics = {}
     for ckpt, names in groups.items():

@@ -40,6 +40,7 @@ from mtfm.train.checkpoint import CheckpointError, CheckpointManager, read_json,
 from mtfm.train.config import TrainConfig, cpu_threads, resume_mismatches
 from mtfm.train.distributed import DistContext, all_max_int, all_sum_floats, same_on_all_ranks
 from mtfm.train.evaluate import Metrics, compute_metrics, gather_predictions, mean_gauc, predict
+from mtfm.train.rundata import check_run_data, data_record
 
 
 class BatchSource(Protocol):
@@ -497,8 +498,9 @@ def _rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank, 1]).generate_state(1)[0])
 
 
-def _check_resumable(run_dir: Path, run_config: dict) -> None:
-    """Refuse to resume a run with another model, scenarios or schema."""
+def _check_resumable(run_dir: Path, run_config: dict, data_dir: str | Path, allow_other_data: bool) -> None:
+    """Refuse to resume a run with another model, scenarios or schema, or (unless allowed) on
+    other data than its checkpoints record."""
     candidates = CheckpointManager(run_dir).resume_candidates()
     if not candidates:
         raise CheckpointError(f"{run_dir}: no checkpoint to resume from")
@@ -507,6 +509,7 @@ def _check_resumable(run_dir: Path, run_config: dict) -> None:
     for key in ("arch", "model", "scenarios", "schema"):
         if saved.get(key) != run_config.get(key):
             raise CheckpointError(f"{latest}/config.json: the run was started with another {key!r}; cannot resume it")
+    check_run_data(saved.get("data"), data_dir, run=str(run_dir), action="resume", allow_other_data=allow_other_data)
 
 
 def train_from_data(
@@ -518,9 +521,12 @@ def train_from_data(
     cfg: TrainConfig,
     scenarios: list[str] | None = None,
     resume: bool = False,
+    allow_other_data: bool = False,
 ) -> TrainResult:
     """Train on ``data_dir`` (train split; valid split for early stopping), in one process or
-    under torchrun (each rank reads its own shards). Writes checkpoints and metrics.json."""
+    under torchrun (each rank reads its own shards). Writes checkpoints and metrics.json. The run
+    records ``data_dir``'s fingerprint (:mod:`mtfm.train.rundata`): ``resume`` on data with another
+    one is refused unless ``allow_other_data``."""
     from mtfm.data.loader import BatchLoader
     from mtfm.train.distributed import setup, teardown
     from mtfm.train.models import build_model
@@ -542,7 +548,7 @@ def train_from_data(
         "scenarios": schema.scenario_names,
         "schema": schema.model_dump(mode="json"),
         "data": {
-            "dir": str(Path(data_dir).resolve()),
+            **data_record(data_dir),  # dir and fingerprint
             "train_samples": int(counts[0]),
             "valid_samples": int(counts[2]),
             # samples without an exposure in the trained scenarios (single-scenario runs)
@@ -550,7 +556,7 @@ def train_from_data(
         },
     }
     if resume:
-        _check_resumable(Path(run_dir), run_config)
+        _check_resumable(Path(run_dir), run_config, data_dir, allow_other_data)
     if ctx.is_main and (counts[1] or counts[3]):
         print(f"samples without an exposure in {schema.scenario_names} skipped: "
               f"train {int(counts[1]):,}, valid {int(counts[3]):,}")
