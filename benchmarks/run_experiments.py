@@ -5,6 +5,8 @@ For every seed it trains, on the same prepared data:
 * ``multi``: MTFM on all scenarios;
 * ``single-<S>``: the same MTFM config on scenario S only (``--scenarios S``), for every S;
 * ``lr``: the logistic-regression baseline (each scenario's own features, no sequences);
+* with ``--input-ablations``: ``no-history``, ``no-realtime``, ``no-cross``: MTFM multi trained
+  without that kind of input (``mtfm train --drop-inputs``), reported as what each contributes;
 
 evaluates each on the test split (``eval_test.json``) and writes a report with, per scenario
 and task: AUC and GAUC of each model (mean +- std over seeds), the oracle ceiling when the
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from mtfm.config import DataSchema, SplitSpec
+from mtfm.config import INPUT_KINDS, DataSchema, SplitSpec
 from mtfm.data.aggregate import prepare
 from mtfm.data.sources.synthetic import load_packaged_schema
 from mtfm.data.store import read_manifest
@@ -69,7 +71,7 @@ def _prepare(args: argparse.Namespace, data: Path) -> None:
 
 
 def _train_and_evaluate(args: argparse.Namespace, data: Path, run: Path, arch: str, seed: int,
-                        scenarios: list[str] | None) -> dict:
+                        scenarios: list[str] | None, drop_inputs: tuple[str, ...] = ()) -> dict:
     """Train one run (unless finished) and return its test metrics and training figures."""
     done = run / "eval_test.json"
     if not done.is_file():
@@ -86,7 +88,7 @@ def _train_and_evaluate(args: argparse.Namespace, data: Path, run: Path, arch: s
             cfg = TrainConfig(epochs=args.lr_epochs, patience=args.patience, lr=args.lr_baseline_lr,
                               batch_size=args.batch_size, seed=seed, progress=False, threads=args.threads)
         t0 = time.perf_counter()
-        train_from_data(data, run, arch=arch, model_config=model, cfg=cfg, scenarios=scenarios)
+        train_from_data(data, run, arch=arch, model_config=model, cfg=cfg, scenarios=scenarios, drop_inputs=drop_inputs)
         metrics, _ = evaluate_run(run, data, "test")
         write_json(run / "eval_test.json", metrics)
         print(f"  {run.name}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -181,6 +183,28 @@ def report(results: dict, scenarios: list[str], tasks: dict[str, list[str]], see
     return "\n".join(lines), summary
 
 
+def ablation_table(results: dict, scenarios: list[str], tasks: dict[str, list[str]], seeds: list[int]) -> str:
+    """What each kind of input contributes: GAUC of the full multi-scenario MTFM minus the same
+    model trained without that input (paired by seed; positive: the input helps)."""
+    ablated = [k for k in results if k.startswith("no-")]
+    lines = ["Input ablations: test GAUC of MTFM multi minus MTFM multi trained without the input, paired by seed "
+             "(mean ± std; positive: the input helps); the one-sided 95% t lower bound in brackets.", "",
+             "| scenario | task | " + " | ".join(f"without {k[len('no-'):]}" for k in ablated) + " |",
+             "|---|---|" + "---|" * len(ablated)]
+    for s in scenarios:
+        for t in tasks[s]:
+            cells = []
+            for kind in ablated:
+                diffs = [results["multi"][seed]["test"][s][t]["gauc"] - results[kind][seed]["test"][s][t]["gauc"]
+                         for seed in seeds
+                         if results["multi"][seed]["test"][s][t]["gauc"] is not None
+                         and results[kind][seed]["test"][s][t]["gauc"] is not None]
+                bound = _paired_bound(diffs)
+                cells.append(f"{_fmt(diffs)}" + (f" [{bound:+.4f}]" if bound is not None else ""))
+            lines.append(f"| {s} | {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=("synthetic", "movielens"), default="synthetic")
@@ -201,6 +225,9 @@ def main() -> None:
                    help="MTFM learning rate (the paper's; 1e-3 overfits after one epoch and made multi-scenario "
                         "PHF unstable, benchmarks/results/train.md)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--input-ablations", action="store_true",
+                   help="also train MTFM without each kind of input (history, realtime, cross features) and report "
+                        "what each contributes (multi minus the ablated run, paired by seed)")
     p.add_argument("--lr-epochs", type=int, default=20, help="LR baseline max epochs")
     p.add_argument("--lr-baseline-lr", type=float, default=1e-2)
     args = p.parse_args()
@@ -212,16 +239,20 @@ def main() -> None:
     schema = read_manifest(data).schema_obj
     scenarios, tasks = schema.scenario_names, {s.name: s.task_names for s in schema.scenarios}
     kinds = ["multi", *(f"single-{s}" for s in scenarios), "lr"]
+    kinds += [f"no-{k}" for k in INPUT_KINDS] if args.input_ablations else []
     results: dict = {k: {} for k in kinds}
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
         for kind in kinds:
             arch = "logistic" if kind == "lr" else "mtfm"
             only = [kind[len("single-"):]] if kind.startswith("single-") else None
-            results[kind][seed] = _train_and_evaluate(args, data, out / f"seed{seed}" / kind, arch, seed, only)
+            drop = (kind[len("no-"):],) if kind.startswith("no-") else ()
+            results[kind][seed] = _train_and_evaluate(args, data, out / f"seed{seed}" / kind, arch, seed, only, drop)
     title = f"{args.dataset}" + (f" ({args.users} users, world seed 0; valid: {args.valid_days} day(s), test: the last "
                                  f"{args.test_days} day(s))" if args.dataset == "synthetic" else "")
     text, summary = report(results, scenarios, tasks, args.seeds, title)
+    if args.input_ablations:
+        text += "\n\n" + ablation_table(results, scenarios, tasks, args.seeds)
     summary["config"] = vars(args)
     summary["wall_seconds"] = time.perf_counter() - t0
     (out / "report.md").write_text(text + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mtfm.model import MTFM, ModelConfig, ModelConfigError, load_model_config, parse_hta
 from mtfm.model.config import preset_names
@@ -57,3 +58,19 @@ def test_missing_config_and_unknown_preset_are_clear_errors(tmp_path):
         load_model_config(tmp_path / "nope.yaml")
     with pytest.raises(ModelConfigError, match="no such preset"):
         load_model_config("nonexistent_preset")
+
+
+def test_attention_alpha_defaults_to_one_over_sqrt_head_width_and_can_be_set():
+    assert ModelConfig(d_model=64, num_heads=2).alpha == pytest.approx(32 ** -0.5)
+    assert ModelConfig(d_model=64, num_heads=2, attention_alpha=1.0).alpha == 1.0
+
+
+def test_recency_time_bias_init_gives_one_head_no_preference_and_the_last_the_steepest_decay():
+    from mtfm.model.layers import FullAttentionLayer
+
+    cfg = ModelConfig(d_model=24, num_heads=3, relative_time_bias=True, time_bias_init="recency", time_bias_buckets=8)
+    bias = FullAttentionLayer(cfg, ["H:a", "T:s"]).time_bias.detach()
+    assert torch.equal(bias[0], torch.zeros(8))  # sees every gap alike
+    assert torch.allclose(bias[2], -torch.arange(8.0)) and torch.allclose(bias[1], -0.5 * torch.arange(8.0))
+    zero = FullAttentionLayer(cfg.model_copy(update={"time_bias_init": "zero"}), ["H:a", "T:s"]).time_bias
+    assert torch.count_nonzero(zero) == 0

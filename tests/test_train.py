@@ -159,3 +159,18 @@ def test_cpu_threads_leave_a_core_to_the_loader_unless_told_otherwise(monkeypatc
     assert cpu_threads(TrainConfig()) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # e.g. set by torchrun for each rank
     assert cpu_threads(TrainConfig()) is None
+
+
+def test_attention_biases_get_their_own_learning_rate_when_asked():
+    from mtfm.model.mtfm import MTFM
+    from mtfm.model.testing import tiny_config, tiny_schema as model_schema
+    from mtfm.train.trainer import make_optimizers
+
+    model = MTFM(model_schema(), tiny_config(relative_time_bias=True, relative_position_bias=True))
+    biases = {id(p) for n, p in model.named_parameters() if n.endswith(("time_bias", "position_bias"))}
+    assert len(biases) == 2 * model.config.num_layers
+    opt = make_optimizers(model, TrainConfig(lr=1e-3, attention_bias_lr_scale=30))["dense"]
+    (rest, fast) = opt.param_groups
+    assert {id(p) for p in fast["params"]} == biases and fast["lr"] == pytest.approx(3e-2)
+    assert rest["lr"] == 1e-3 and not biases & {id(p) for p in rest["params"]}
+    assert len(make_optimizers(model, TrainConfig(lr=1e-3))["dense"].param_groups) == 1  # unchanged by default

@@ -73,6 +73,33 @@ def test_a_single_scenario_run_trains_and_scores_only_that_scenario(world, tmp_p
     assert set(json.loads((tmp_path / "sqs" / "eval_test.json").read_text())) == {"SQS"}
 
 
+def test_an_input_ablation_run_has_no_such_tokens_and_is_scored_and_predicted_without_them(world, tmp_path):
+    from mtfm.config import SchemaError
+    from mtfm.train.checkpoint import CheckpointError
+    from mtfm.train.config import TrainConfig
+    from mtfm.train.evaluate import scenario_checkpoints
+    from mtfm.train.trainer import train_from_data
+    from mtfm.train.models import model_from_checkpoint
+
+    data, model = world
+    run = tmp_path / "no-seq"
+    assert _train(data, run, model, "--max-steps", "2", "--drop-inputs", "history,realtime,cross") == 0
+    saved, _, schema = model_from_checkpoint(scenario_checkpoints(run)["HP"])
+    assert schema.history == [] and schema.realtime == [] and all(not s.cross_features for s in schema.scenarios)
+    assert saved.groups == ["T:HP", "T:PHF", "T:SQS"]  # no H or R token group at all
+    assert not any("cross" in field for field in saved.embeddings.fields)
+    assert main(["evaluate", "--run", str(run), "--data", data]) == 0
+    assert set(json.loads((run / "eval_test.json").read_text())) == {"HP", "PHF", "SQS"}
+    assert main(["predict", "--run", str(run), "--data", data, "--split", "test", "--out", str(tmp_path / "p.parquet")]) == 0
+    # Resuming with other inputs is refused: the run would not be the same run.
+    cfg = TrainConfig(max_steps=3, epochs=100, batch_size=16, progress=False)
+    with pytest.raises(CheckpointError, match="drop_inputs"):
+        train_from_data(data, run, arch="mtfm", model_config=saved.config.model_dump(mode="json"), cfg=cfg,
+                        drop_inputs=["history"], resume=True)
+    with pytest.raises(SchemaError, match="unknown input kind"):
+        schema.without(["sequences"])
+
+
 def test_the_logistic_baseline_trains_through_the_same_cli(world, tmp_path, capsys):
     data, _ = world
     assert main(["train", "--data", data, "--out", str(tmp_path / "lr"), "--arch", "logistic", "--epochs", "2",

@@ -15,6 +15,7 @@ The schema is the contract between the raw logs and everything downstream:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -23,6 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mtfm.errors import UnknownNameError
 from mtfm.yamlio import safe_load
+
+# Kinds of input an ablation can leave out (DataSchema.without).
+INPUT_KINDS: tuple[str, ...] = ("history", "realtime", "cross")
 
 
 class SchemaError(ValueError):
@@ -288,6 +292,23 @@ class DataSchema(_Strict):
             raise SchemaError(f"unknown scenario(s) {unknown}; the schema has {self.scenario_names}")
         kept = [s for s in self.scenarios if s.name in scenario_names]
         return self.model_copy(update={"scenarios": kept})
+
+    def without(self, inputs: Sequence[str]) -> "DataSchema":
+        """The same schema without some kinds of input (``INPUT_KINDS``), for input ablations:
+        ``history`` drops every H sequence, ``realtime`` every R sequence, ``cross`` every
+        scenario's cross features. The loader then reads none of their columns and the model
+        built from the result has no tokens or features for them."""
+        unknown = [k for k in inputs if k not in INPUT_KINDS]
+        if unknown:
+            raise SchemaError(f"unknown input kind(s) {unknown}; expected some of {list(INPUT_KINDS)}")
+        update: dict = {}
+        if "history" in inputs:
+            update["history"] = []
+        if "realtime" in inputs:
+            update["realtime"] = []
+        if "cross" in inputs:
+            update["scenarios"] = [s.model_copy(update={"cross_features": []}) for s in self.scenarios]
+        return self.model_copy(update=update)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ and RUN/metrics.json. Runs unchanged under `torchrun --nproc_per_node N -m mtfm 
 An interrupted run continues exactly where its last checkpoint left it with --resume."""
 
 
-def _scenarios(text: str | None) -> list[str] | None:
+def _comma_list(text: str | None) -> list[str] | None:
+    """``"A, B"`` -> ``["A", "B"]``; None or empty -> None."""
     return [s.strip() for s in text.split(",") if s.strip()] if text else None
 
 
@@ -37,6 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="stop after N optimizer steps (mid-epoch allowed; epochs unbounded)")
     p.add_argument("--scenarios", metavar="S1,S2", default=None,
                    help="train on these scenarios only (e.g. SQS for a single-scenario model); default all")
+    p.add_argument("--drop-inputs", metavar="KINDS", default=None,
+                   help="input ablation: leave out some of history,realtime,cross (comma separated); the run "
+                        "records it and evaluate/predict read the data the same way")
     p.add_argument("--seed", metavar="S", type=int, default=None, help="seed of init, shuffling and dropout (default 0)")
     p.add_argument("--config", metavar="YAML", default=None,
                    help="training config (fields of mtfm.train.config.TrainConfig); the options below override it")
@@ -99,8 +103,8 @@ def _run_locked(args: argparse.Namespace) -> int:
 
     cfg = train_config_from_args(args)
     result = train_from_data(args.data, args.out, arch=args.arch, model_config=model_config_from_args(args.arch, args.model),
-                             cfg=cfg, scenarios=_scenarios(args.scenarios), resume=args.resume,
-                             allow_other_data=args.allow_other_data)
+                             cfg=cfg, scenarios=_comma_list(args.scenarios), drop_inputs=_comma_list(args.drop_inputs) or (),
+                             resume=args.resume, allow_other_data=args.allow_other_data)
     m = result.metrics
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0

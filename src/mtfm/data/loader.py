@@ -29,7 +29,8 @@ may get different batch counts; ``num_batches`` lets a trainer agree on a common
 ``scenarios=[...]`` reads only those scenarios' columns; samples with no exposure in them are
 skipped and counted (``skipped_samples``). The batches then follow the restricted schema
 (``loader.schema``): ``batch.scenarios`` holds only the kept scenarios and token group ids follow
-``loader.schema.token_groups()``.
+``loader.schema.token_groups()``. ``drop_inputs=["history", "realtime", "cross"]`` (any of them)
+leaves those inputs out the same way (:meth:`mtfm.config.DataSchema.without`; input ablations).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import dataclasses
 import math
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -345,7 +346,7 @@ class BatchLoader:
 
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, *, shuffle: bool, seed: int,
                  rank: int = 0, world_size: int = 1, prefetch: int = 2, scenarios: list[str] | None = None,
-                 drop_last: bool = False) -> None:
+                 drop_inputs: Sequence[str] = (), drop_last: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -357,6 +358,7 @@ class BatchLoader:
         full = self.manifest.schema_obj
         try:
             self.schema: DataSchema = full if scenarios is None else full.restrict(list(scenarios))
+            self.schema = self.schema.without(drop_inputs)
         except SchemaError as err:
             raise UnknownNameError(f"{self.data_dir}: {err}") from None
         shards = self.manifest.splits[split].shards

@@ -76,11 +76,24 @@ class ModelConfig(BaseModel):
         description="fixed n in SiLU(QK^T) / n (HSTU divides by the max sequence length; a constant "
         "here so a user's output does not depend on which users share the batch)",
     )
+    attention_alpha: float | None = Field(
+        default=None,
+        gt=0,
+        description="scale of QK^T inside SiLU(alpha QK^T + bias); None: 1 / sqrt(head width). A larger "
+        "alpha starts the pointwise attention outside SiLU's near-linear range, so keys can be told apart",
+    )
     relative_time_bias: bool = Field(
         default=False,
         description="ADDITION (not in the paper): learned bias per head and log2 time-gap bucket, as in HSTU",
     )
     time_bias_buckets: int = Field(default=32, gt=1, description="bucket = min(floor(log2(1 + |dt|)), buckets - 1)")
+    time_bias_init: Literal["zero", "recency"] = Field(
+        default="zero",
+        description="initial time bias. zero: every gap alike; recency: head h starts at -slope_h * bucket with slopes "
+        "evenly spaced from 0 (a head that sees all gaps alike) to 1 per doubling of the gap (a head focused on recent "
+        "actions), as ALiBi does for positions. Adam moves a bias by about lr per step, so from zero a "
+        "few thousand steps cannot make a head focus on recent actions",
+    )
     relative_position_bias: bool = Field(
         default=False,
         description="ADDITION (not in the paper): learned bias per head and log2 position-gap bucket, the gap "
@@ -140,6 +153,11 @@ class ModelConfig(BaseModel):
     @property
     def dim_per_head(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+    @property
+    def alpha(self) -> float:
+        """The ``alpha`` of SiLU(alpha QK^T + bias)."""
+        return self.attention_alpha if self.attention_alpha is not None else self.dim_per_head ** -0.5
 
     @property
     def num_layers(self) -> int:

@@ -21,7 +21,6 @@ groups it keeps.
 from __future__ import annotations
 
 import copy
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -113,7 +112,7 @@ def _attention_params(config: ModelConfig, time_bias: Tensor | None, position_bi
     else:
         table = time_bias if time_bias is not None else position_bias
     return AttentionParams(
-        alpha=1.0 / math.sqrt(config.dim_per_head),
+        alpha=config.alpha,
         norm=1.0 / config.attention_norm_len,
         num_kv_groups=config.num_kv_groups,
         bias=table,
@@ -121,6 +120,15 @@ def _attention_params(config: ModelConfig, time_bias: Tensor | None, position_bi
         position_buckets=config.position_bias_buckets if position_bias is not None else 0,
         padding_slack=config.jagged_padding_slack,
     )
+
+
+def _initial_time_bias(config: ModelConfig) -> Tensor:
+    """``[heads, buckets]`` initial time bias (``config.time_bias_init``)."""
+    bias = torch.zeros(config.num_heads, config.time_bias_buckets)
+    if config.time_bias_init == "recency":
+        slopes = torch.linspace(0.0, 1.0, config.num_heads) if config.num_heads > 1 else torch.ones(1)
+        bias -= slopes[:, None] * torch.arange(config.time_bias_buckets, dtype=torch.float32)[None, :]
+    return bias
 
 
 class _HSTULayer(nn.Module):
@@ -135,7 +143,7 @@ class _HSTULayer(nn.Module):
         self.gln_attn = GroupLayerNorm(output_groups, heads * dh, config.layer_norm_eps)
         self.f2 = nn.Linear(heads * dh, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
-        self.time_bias = nn.Parameter(torch.zeros(heads, config.time_bias_buckets)) if config.relative_time_bias else None
+        self.time_bias = nn.Parameter(_initial_time_bias(config)) if config.relative_time_bias else None
         self.position_bias = (
             nn.Parameter(torch.zeros(heads, config.position_bias_buckets)) if config.relative_position_bias else None
         )

@@ -19,7 +19,7 @@ import torch
 
 from mtfm.data.loader import BatchLoader
 from mtfm.data.store import read_manifest
-from mtfm.train.evaluate import scenario_checkpoints
+from mtfm.train.evaluate import checkpoint_loader, scenario_checkpoints
 from mtfm.train.models import model_from_checkpoint
 from mtfm.train.rundata import check_checkpoint_data
 
@@ -72,11 +72,8 @@ def predict_split(run_dir: str | Path, data_dir: str | Path, split: str, out: st
     data_schema = read_manifest(data_dir).schema_obj.restrict(list(chosen))
     all_tasks = list(dict.fromkeys(t for s in data_schema.scenarios for t in s.task_names))
     for ckpt, names in groups.items():
-        model, _, schema = model_from_checkpoint(ckpt)
-        loader = BatchLoader(data_dir, split, batch_size, shuffle=False, seed=0, scenarios=names)
-        if loader.schema.model_dump() != schema.restrict(names).model_dump():
-            raise ValueError(f"{data_dir}: its schema for {names} differs from the one {ckpt} was trained on "
-                             "(prepare the data with the same schema)")
+        model, _, _ = model_from_checkpoint(ckpt)
+        loader = checkpoint_loader(ckpt, data_dir, split, names, batch_size)
         tables = {s.name: s.table for s in loader.schema.scenarios}
         frames += _score_split(model, loader, ckpt, tables, all_tasks)
     if not frames:

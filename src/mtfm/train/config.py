@@ -52,6 +52,12 @@ class TrainConfig(BaseModel):
         "optimizer (with embedding_lr) for every nn.Embedding / nn.EmbeddingBag weight",
     )
     embedding_lr: float | None = Field(default=None, gt=0, description="None: the same as lr")
+    attention_bias_lr_scale: float = Field(
+        default=1.0, gt=0,
+        description="the attention's relative time / position biases learn at lr times this. Adam moves a "
+        "parameter by about lr per step, so at lr 3e-4 a bias needs ~10,000 steps to reach -3 and make a head "
+        "ignore old actions; weights move as fast but act through products, biases do not",
+    )
     grad_clip: float | None = Field(default=1.0, gt=0, description="max global L2 norm of the gradients; None: off")
     bf16: bool = Field(default=False, description="bf16 autocast for forward and loss")
 

@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from torch import nn
 from mtfm.data.batch import JaggedBatch
 from mtfm.metrics import task_metrics
 from mtfm.train.distributed import DistContext, gather_arrays
+
+if TYPE_CHECKING:
+    from mtfm.data.loader import BatchLoader
 
 Metrics = dict[str, dict[str, dict[str, float]]]  # scenario -> task -> name -> value
 
@@ -240,6 +244,26 @@ def scenario_checkpoints(run_dir: str | Path, which: str = "best") -> dict[str, 
     return {s: mgr.snapshot(f"best-{s}") or overall for s in scenarios}
 
 
+def checkpoint_loader(ckpt: Path, data_dir: str | Path, split: str, names: list[str], batch_size: int) -> BatchLoader:
+    """A loader over ``split`` of ``data_dir`` that reads what checkpoint ``ckpt`` was trained on:
+    scenarios ``names`` and the run's inputs (``drop_inputs`` of an ablation run). The data's
+    schema for them must be the model's (else the ids would mean other things)."""
+    from mtfm.config import schema_from_dict
+    from mtfm.data.loader import BatchLoader
+    from mtfm.train.checkpoint import read_checkpoint_config
+
+    config = read_checkpoint_config(ckpt)
+    schema = schema_from_dict(config["schema"], f"{ckpt}/config.json: schema")
+    drop = config.get("drop_inputs", [])  # absent in runs from before input ablations
+    loader = BatchLoader(data_dir, split, batch_size, shuffle=False, seed=0, scenarios=names, drop_inputs=drop)
+    if loader.schema.model_dump() != schema.restrict(names).model_dump():
+        raise ValueError(
+            f"{data_dir}: its schema for {names} differs from the one {ckpt} was trained on "
+            "(prepare the data with the same schema)"
+        )
+    return loader
+
+
 def evaluate_run(
     run_dir: str | Path,
     data_dir: str | Path,
@@ -256,7 +280,6 @@ def evaluate_run(
     the one the model was built from (else the ids would mean other things), and the data
     itself the run's (its fingerprint, :mod:`mtfm.train.rundata`) unless ``allow_other_data``.
     """
-    from mtfm.data.loader import BatchLoader
     from mtfm.train.distributed import choose_device
     from mtfm.train.models import model_from_checkpoint
     from mtfm.train.rundata import check_checkpoint_data
@@ -270,13 +293,8 @@ def evaluate_run(
     dev = choose_device(device, 0)
     metrics: Metrics = {}
     for ckpt, names in groups.items():
-        model, _, schema = model_from_checkpoint(ckpt)
-        loader = BatchLoader(data_dir, split, batch_size, shuffle=False, seed=0, scenarios=names)
-        if loader.schema.model_dump() != schema.restrict(names).model_dump():
-            raise ValueError(
-                f"{data_dir}: its schema for {names} differs from the one {ckpt} was trained on "
-                "(prepare the data with the same schema)"
-            )
+        model, _, _ = model_from_checkpoint(ckpt)
+        loader = checkpoint_loader(ckpt, data_dir, split, names, batch_size)
         tasks = {s.name: s.task_names for s in loader.schema.scenarios}
         metrics.update(compute_metrics(predict(model.to(dev), loader.iterate(0), dev, tasks), tasks))
     return {s: metrics[s] for s in chosen}, chosen

@@ -20,7 +20,7 @@ import csv
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +100,21 @@ def embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(seen.values())
 
 
+ATTENTION_BIAS_NAMES = ("time_bias", "position_bias")
+
+
+def _dense_groups(model: nn.Module, dense: list[nn.Parameter], cfg: TrainConfig) -> list[dict]:
+    """One param group, or two when the attention biases get their own lr (``attention_bias_lr_scale``)."""
+    if cfg.attention_bias_lr_scale == 1.0:
+        return [{"params": dense}]
+    bias_ids = {id(p) for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in ATTENTION_BIAS_NAMES}
+    groups = [{"params": [p for p in dense if id(p) not in bias_ids]}]
+    biases = [p for p in dense if id(p) in bias_ids]
+    if biases:
+        groups.append({"params": biases, "lr": cfg.lr * cfg.attention_bias_lr_scale})
+    return groups
+
+
 def make_optimizers(model: nn.Module, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
     """``dense`` (Adam/AdamW), plus ``embedding`` when a separate embedding optimizer is asked for."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -109,7 +124,8 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig) -> dict[str, torch.optim
     dense_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     optimizers: dict[str, torch.optim.Optimizer] = {}
     if dense:
-        optimizers["dense"] = dense_cls(dense, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        optimizers["dense"] = dense_cls(_dense_groups(model, dense, cfg), lr=cfg.lr, betas=cfg.betas,
+                                        weight_decay=cfg.weight_decay)
     if emb:
         lr = cfg.embedding_lr or cfg.lr
         if cfg.embedding_optimizer == "adagrad":
@@ -505,8 +521,8 @@ def _check_resumable(run_dir: Path, run_config: dict, data_dir: str | Path, allo
     if not candidates:
         raise CheckpointError(f"{run_dir}: no checkpoint to resume from")
     latest = candidates[0]
-    saved = read_json(latest / "config.json")
-    for key in ("arch", "model", "scenarios", "schema"):
+    saved = {"drop_inputs": [], **read_json(latest / "config.json")}  # runs from before input ablations
+    for key in ("arch", "model", "scenarios", "drop_inputs", "schema"):
         if saved.get(key) != run_config.get(key):
             raise CheckpointError(f"{latest}/config.json: the run was started with another {key!r}; cannot resume it")
     check_run_data(saved.get("data"), data_dir, run=str(run_dir), action="resume", allow_other_data=allow_other_data)
@@ -520,13 +536,17 @@ def train_from_data(
     model_config: dict,
     cfg: TrainConfig,
     scenarios: list[str] | None = None,
+    drop_inputs: Sequence[str] = (),
     resume: bool = False,
     allow_other_data: bool = False,
 ) -> TrainResult:
     """Train on ``data_dir`` (train split; valid split for early stopping), in one process or
     under torchrun (each rank reads its own shards). Writes checkpoints and metrics.json. The run
     records ``data_dir``'s fingerprint (:mod:`mtfm.train.rundata`): ``resume`` on data with another
-    one is refused unless ``allow_other_data``."""
+    one is refused unless ``allow_other_data``.
+
+    ``scenarios`` and ``drop_inputs`` (kinds of :data:`mtfm.config.INPUT_KINDS`) restrict what
+    the model sees; both are recorded in the run so evaluation reads the data the same way."""
     from mtfm.data.loader import BatchLoader
     from mtfm.train.distributed import setup, teardown
     from mtfm.train.models import build_model
@@ -536,7 +556,8 @@ def train_from_data(
     if threads is not None and ctx.device.type == "cpu":
         torch.set_num_threads(threads)
     seed_everything(cfg.seed, cfg.deterministic)
-    common = dict(rank=ctx.rank, world_size=ctx.world_size, prefetch=cfg.prefetch, scenarios=scenarios)
+    common = dict(rank=ctx.rank, world_size=ctx.world_size, prefetch=cfg.prefetch, scenarios=scenarios,
+                  drop_inputs=list(drop_inputs))
     train = BatchLoader(data_dir, "train", cfg.batch_size, shuffle=True, seed=cfg.seed, **common)
     valid = BatchLoader(data_dir, "valid", cfg.eval_batch_size, shuffle=False, seed=0, **common)
     schema = train.schema
@@ -546,6 +567,7 @@ def train_from_data(
         "arch": arch,
         "model": model_config,
         "scenarios": schema.scenario_names,
+        "drop_inputs": list(drop_inputs),
         "schema": schema.model_dump(mode="json"),
         "data": {
             **data_record(data_dir),  # dir and fingerprint
