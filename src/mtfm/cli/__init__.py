@@ -17,6 +17,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mtfm.cli.train",
     "mtfm.cli.evaluate",
     "mtfm.cli.predict",
+    "mtfm.cli.diagnose",
     "mtfm.cli.demo",
 )
 
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtfm",
         description="MTFM: multi-scenario recommendation foundation model "
-        "(prepare data, train, evaluate, predict).",
+        "(prepare data, train, evaluate, predict, diagnose).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in _COMMAND_MODULES:
