@@ -1,6 +1,6 @@
 """Accuracy experiments of issue 4, mean +- std over training seeds, on one prepared dataset.
 
-For every seed it trains, on the same prepared data:
+For every seed it trains, on the same prepared data (``--no-singles``: multi and LR only):
 
 * ``multi``: MTFM on all scenarios;
 * ``single-<S>``: the same MTFM config on scenario S only (``--scenarios S``), for every S;
@@ -8,6 +8,7 @@ For every seed it trains, on the same prepared data:
 * with ``--input-ablations``: ``no-history``, ``no-realtime``, ``no-cross``: MTFM multi trained
   without that kind of input (``mtfm train --drop-inputs``), reported as what each contributes;
 
+with ``--probes N`` it also runs the signal-recovery probes (``mtfm diagnose``) on each multi run;
 evaluates each on the test split (``eval_test.json``) and writes a report with, per scenario
 and task: AUC and GAUC of each model (mean +- std over seeds), the oracle ceiling when the
 data knows it, the share of the LR -> oracle GAUC gap MTFM closes, and multi - single (paired
@@ -138,7 +139,7 @@ def report(results: dict, scenarios: list[str], tasks: dict[str, list[str]], see
             row: dict = {"exposures": first["exposures"], "positives": first["positives"]}
             for kind, key in (("lr", "lr"), ("multi", "multi"), (f"single-{s}", "single")):
                 for m in ("auc", "gauc"):
-                    row[f"{key}_{m}"] = [metric(kind, seed, s, t, m) for seed in seeds]
+                    row[f"{key}_{m}"] = [metric(kind, seed, s, t, m) if kind in results else None for seed in seeds]
             row["oracle_auc"], row["oracle_gauc"] = first.get("oracle_auc"), first.get("oracle_gauc")
             row["gap_closed"] = [gap_closed(a, b, row["oracle_gauc"]) for a, b in zip(row["multi_gauc"], row["lr_gauc"])]
             row["gap_closed_auc"] = [gap_closed(a, b, row["oracle_auc"]) for a, b in zip(row["multi_auc"], row["lr_auc"])]
@@ -149,6 +150,9 @@ def report(results: dict, scenarios: list[str], tasks: dict[str, list[str]], see
                 f"{_fmt(row['single_auc'])} | {oracle(row['oracle_auc'])} | {_fmt(row['lr_gauc'])} | "
                 f"{_fmt(row['multi_gauc'])} | {_fmt(row['single_gauc'])} | {oracle(row['oracle_gauc'])} | "
                 f"{_fmt(row['gap_closed_auc'], 0, 100)}% | {_fmt(row['gap_closed'], 0, 100)}% |".replace("-%", "-"))
+    lines += _lr_table(summary, scenarios, tasks)
+    if not any(k.startswith("single-") for k in results):
+        return _runs_table(results, seeds, lines, summary)
     lines += ["", "Multi-scenario minus single-scenario MTFM, paired by seed (positive: multi better); "
               "\"beyond noise\": the one-sided 95% t lower bound of the mean difference is above 0.", "",
               "| scenario | task | Δ AUC | Δ AUC lower bound | Δ GAUC | Δ GAUC lower bound | multi wins beyond noise (AUC / GAUC) |",
@@ -166,6 +170,31 @@ def report(results: dict, scenarios: list[str], tasks: dict[str, list[str]], see
             lines.append(f"| {s} | {t} | {_fmt(row['delta_auc'])} | {bound(row['delta_auc_lower95'])} | "
                          f"{_fmt(row['delta_gauc'])} | {bound(row['delta_gauc_lower95'])} | "
                          f"{'yes' if verdicts[0] else 'no'} / {'yes' if verdicts[1] else 'no'} |")
+    return _runs_table(results, seeds, lines, summary)
+
+
+def _lr_table(summary: dict, scenarios: list[str], tasks: dict[str, list[str]]) -> list[str]:
+    """MTFM multi minus LR, paired by seed, with its one-sided 95% t lower bound ("beats LR beyond noise")."""
+    lines = ["", "MTFM multi minus LR, paired by seed (positive: MTFM better); \"beyond noise\": the one-sided "
+             "95% t lower bound of the mean difference is above 0.", "",
+             "| scenario | task | Δ AUC | Δ AUC lower bound | Δ GAUC | Δ GAUC lower bound | MTFM beats LR beyond noise (AUC / GAUC) |",
+             "|---|---|---|---|---|---|---|"]
+    for s in scenarios:
+        for t in tasks[s]:
+            row = summary["scenarios"][s][t]
+            verdicts, cells = [], []
+            for m in ("auc", "gauc"):
+                diffs = [a - b for a, b in zip(row[f"multi_{m}"], row[f"lr_{m}"]) if a is not None and b is not None]
+                bound = _paired_bound(diffs)
+                row[f"vs_lr_{m}"], row[f"vs_lr_{m}_lower95"] = diffs, bound
+                verdicts.append(bound is not None and bound > 0)
+                cells += [_fmt(diffs), "-" if bound is None else f"{bound:+.4f}"]
+            lines.append(f"| {s} | {t} | " + " | ".join(cells) + f" | {'yes' if verdicts[0] else 'no'} / "
+                         f"{'yes' if verdicts[1] else 'no'} |")
+    return lines
+
+
+def _runs_table(results: dict, seeds: list[int], lines: list[str], summary: dict) -> tuple[str, dict]:
     lines += ["", "Training runs (mean over seeds): epochs run, the epoch each scenario was scored from (its best "
               "valid GAUC), train samples, throughput of `mtfm train` (loader + steps, this shared 2-core machine).", "",
               "| run | epochs run | best epoch per scenario | train samples | exposures/s | tokens/s | seconds |",
@@ -205,6 +234,30 @@ def ablation_table(results: dict, scenarios: list[str], tasks: dict[str, list[st
     return "\n".join(lines)
 
 
+def probe_table(out: Path, data: Path, seeds: list[int], exposures: int) -> tuple[str, dict]:
+    """Signal-recovery probes (mtfm.train.probes) of each seed's multi run, mean ± std over seeds
+    of the per-seed mean logit change."""
+    from mtfm.train.probes import results_json, run_probes
+
+    per_seed = {}
+    for seed in seeds:
+        path = out / f"seed{seed}" / "multi" / "diagnose.json"
+        if not path.is_file():
+            write_json(path, results_json(run_probes(path.parent, data, exposures=exposures)))
+        per_seed[seed] = json.loads(path.read_text())
+    keys = [(r["scenario"], r["probe"], r["true_change"]) for r in per_seed[seeds[0]]]
+    lines = [f"Signal-recovery probes of MTFM multi ({exposures} test exposures per scenario and seed; model change: "
+             "mean ± std over seeds of the mean ctr-logit change; `mtfm diagnose`).", "",
+             "| scenario | probe (one click inserted) | true change | model change | share of true |", "|---|---|---|---|---|"]
+    summary = {}
+    for i, (s, name, truth) in enumerate(keys):
+        means = [per_seed[seed][i]["mean"] for seed in seeds]
+        share = f"{np.mean(means) / truth:.0%}" if truth else "-"
+        lines.append(f"| {s} | {name} | {truth:+.2f} | {_fmt(means, 3)} | {share} |")
+        summary[f"{s}: {name}"] = {"true": truth, "means": means}
+    return "\n".join(lines), summary
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=("synthetic", "movielens"), default="synthetic")
@@ -228,6 +281,11 @@ def main() -> None:
     p.add_argument("--input-ablations", action="store_true",
                    help="also train MTFM without each kind of input (history, realtime, cross features) and report "
                         "what each contributes (multi minus the ablated run, paired by seed)")
+    p.add_argument("--no-singles", action="store_true",
+                   help="skip the single-scenario runs (MTFM multi and LR only: the learning curve's comparison)")
+    p.add_argument("--probes", type=int, default=0, metavar="N",
+                   help="synthetic: also run the signal-recovery probes on N test exposures per scenario of each "
+                        "seed's multi run (mtfm diagnose) and report them")
     p.add_argument("--lr-epochs", type=int, default=20, help="LR baseline max epochs")
     p.add_argument("--lr-baseline-lr", type=float, default=1e-2)
     args = p.parse_args()
@@ -238,7 +296,7 @@ def main() -> None:
     _prepare(args, data)
     schema = read_manifest(data).schema_obj
     scenarios, tasks = schema.scenario_names, {s.name: s.task_names for s in schema.scenarios}
-    kinds = ["multi", *(f"single-{s}" for s in scenarios), "lr"]
+    kinds = ["multi", *([] if args.no_singles else [f"single-{s}" for s in scenarios]), "lr"]
     kinds += [f"no-{k}" for k in INPUT_KINDS] if args.input_ablations else []
     results: dict = {k: {} for k in kinds}
     for seed in args.seeds:
@@ -253,6 +311,9 @@ def main() -> None:
     text, summary = report(results, scenarios, tasks, args.seeds, title)
     if args.input_ablations:
         text += "\n\n" + ablation_table(results, scenarios, tasks, args.seeds)
+    if args.probes:
+        probes_text, summary["probes"] = probe_table(out, data, args.seeds, args.probes)
+        text += "\n\n" + probes_text
     summary["config"] = vars(args)
     summary["wall_seconds"] = time.perf_counter() - t0
     (out / "report.md").write_text(text + "\n")

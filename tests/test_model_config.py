@@ -65,12 +65,16 @@ def test_attention_alpha_defaults_to_one_over_sqrt_head_width_and_can_be_set():
     assert ModelConfig(d_model=64, num_heads=2, attention_alpha=1.0).alpha == 1.0
 
 
-def test_recency_time_bias_init_gives_one_head_no_preference_and_the_last_the_steepest_decay():
+def test_horizons_time_bias_init_gives_head_zero_every_gap_and_the_last_head_the_shortest_horizon():
     from mtfm.model.layers import FullAttentionLayer
 
-    cfg = ModelConfig(d_model=24, num_heads=3, relative_time_bias=True, time_bias_init="recency", time_bias_buckets=8)
+    # 1 h = 3600 s lies in log2 bucket 11 (2048 <= 1 + gap < 4096); 32 buckets: horizons 31, 21, 11.
+    cfg = ModelConfig(d_model=24, num_heads=3, relative_time_bias=True, time_bias_init="horizons",
+                      time_bias_shortest_horizon_s=3600)
     bias = FullAttentionLayer(cfg, ["H:a", "T:s"]).time_bias.detach()
-    assert torch.equal(bias[0], torch.zeros(8))  # sees every gap alike
-    assert torch.allclose(bias[2], -torch.arange(8.0)) and torch.allclose(bias[1], -0.5 * torch.arange(8.0))
+    assert torch.equal(bias[0], torch.zeros(32))  # sees every gap alike
+    for head, horizon in ((1, 21), (2, 11)):
+        assert torch.count_nonzero(bias[head, : horizon + 1]) == 0  # open up to its horizon
+        assert torch.allclose(bias[head, horizon + 1 :], -3.0 * torch.arange(1.0, 32 - horizon))
     zero = FullAttentionLayer(cfg.model_copy(update={"time_bias_init": "zero"}), ["H:a", "T:s"]).time_bias
     assert torch.count_nonzero(zero) == 0

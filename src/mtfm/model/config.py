@@ -87,12 +87,16 @@ class ModelConfig(BaseModel):
         description="ADDITION (not in the paper): learned bias per head and log2 time-gap bucket, as in HSTU",
     )
     time_bias_buckets: int = Field(default=32, gt=1, description="bucket = min(floor(log2(1 + |dt|)), buckets - 1)")
-    time_bias_init: Literal["zero", "recency"] = Field(
+    time_bias_init: Literal["zero", "horizons"] = Field(
         default="zero",
-        description="initial time bias. zero: every gap alike; recency: head h starts at -slope_h * bucket with slopes "
-        "evenly spaced from 0 (a head that sees all gaps alike) to 1 per doubling of the gap (a head focused on recent "
-        "actions), as ALiBi does for positions. Adam moves a bias by about lr per step, so from zero a "
-        "few thousand steps cannot make a head focus on recent actions",
+        description="initial time bias. zero: every gap alike. horizons: head h starts blind to gaps beyond its own "
+        "horizon (bias -3 per log2 bucket past it), the horizons evenly spaced in log2 buckets from all gaps (head 0) "
+        "to time_bias_shortest_horizon_s (the last head). Why: SiLU attention cannot learn to switch keys off (SiLU's "
+        "minimum, at -1.28, has zero gradient and still weighs a key -0.28), so a head that should read the last "
+        "minutes among hundreds of older actions has to start that way",
+    )
+    time_bias_shortest_horizon_s: float = Field(
+        default=3600.0, gt=0, description="horizons init: the time gap the most recent-focused head sees up to"
     )
     relative_position_bias: bool = Field(
         default=False,

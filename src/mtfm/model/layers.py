@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtfm.kernels.common import log_buckets
 from mtfm.kernels import AttentionLayout, AttentionParams, fused_gln_available, fused_group_layer_norm, hstu_attention
 from mtfm.model.config import ModelConfig
 from mtfm.model.embedding import module_key
@@ -122,12 +123,18 @@ def _attention_params(config: ModelConfig, time_bias: Tensor | None, position_bi
     )
 
 
+HORIZON_DECAY = 3.0  # bias per log2 bucket beyond a head's horizon (horizons init): 2 buckets past it, SiLU ~ 0
+
+
 def _initial_time_bias(config: ModelConfig) -> Tensor:
     """``[heads, buckets]`` initial time bias (``config.time_bias_init``)."""
-    bias = torch.zeros(config.num_heads, config.time_bias_buckets)
-    if config.time_bias_init == "recency":
-        slopes = torch.linspace(0.0, 1.0, config.num_heads) if config.num_heads > 1 else torch.ones(1)
-        bias -= slopes[:, None] * torch.arange(config.time_bias_buckets, dtype=torch.float32)[None, :]
+    heads, buckets = config.num_heads, config.time_bias_buckets
+    bias = torch.zeros(heads, buckets)
+    if config.time_bias_init == "horizons" and heads > 1:
+        shortest = float(log_buckets(torch.tensor([config.time_bias_shortest_horizon_s]).long(), buckets))
+        horizons = torch.linspace(buckets - 1, shortest, heads)
+        beyond = torch.arange(buckets, dtype=torch.float32)[None, :] - horizons[:, None]
+        bias -= HORIZON_DECAY * beyond.clamp(min=0)
     return bias
 
 

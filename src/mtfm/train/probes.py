@@ -95,14 +95,13 @@ def synthetic_world_of(manifest: Manifest, data_dir: str | Path):
 def run_probes(run_dir: str | Path, data_dir: str | Path, scenarios: list[str] | None = None,
                exposures: int = 100, seed: int = 0, checkpoint: str = "best") -> list[ProbeResult]:
     """Every probe on ``exposures`` random test exposures of each scenario (default: all the run has)."""
-    from mtfm.data.sources.synthetic import NUM_CUISINES, load_source, scenario_defs
+    from mtfm.data.sources.synthetic import NUM_CUISINES, generate, scenario_defs
     from mtfm.train.evaluate import scenario_checkpoints
     from mtfm.train.models import model_from_checkpoint
 
     manifest = read_manifest(data_dir)
     world = synthetic_world_of(manifest, data_dir)
-    schema = manifest.schema_obj
-    raw = load_source(None, schema, world.users, world.seed)
+    raw = generate(world)  # the very world prepared, every knob of its config included
     index = {d.name: d.index for d in scenario_defs(world.num_scenarios)}
     checkpoints = scenario_checkpoints(run_dir, checkpoint)
     names = scenarios or list(checkpoints)
@@ -128,6 +127,21 @@ def run_probes(run_dir: str | Path, data_dir: str | Path, scenarios: list[str] |
     return results
 
 
+class _ClickedItems:
+    """Real clicks to copy the item of (id, cuisine, price) from, by (scenario, cuisine): an
+    inserted click names an item the world has, clicked where the probe says, so a model that
+    reads item ids instead of the cuisine column is probed fairly too."""
+
+    def __init__(self, clicks: pl.DataFrame) -> None:
+        self._by_key = clicks.partition_by(["scenario", "cuisine"], as_dict=True)
+
+    def draw(self, scenario: int, cuisine: int, rng: np.random.Generator) -> pl.DataFrame:
+        rows = self._by_key.get((scenario, cuisine))
+        if rows is None or len(rows) == 0:
+            raise ValueError(f"the world has no click of cuisine {cuisine} in behaviour scenario {scenario} to copy")
+        return rows[int(rng.integers(0, len(rows)))]
+
+
 def _probe_scenario(model, raw, manifest: Manifest, scenario: str, probes: list[Probe], exposures: int,
                     rng: np.random.Generator, num_cuisines: int, window_s: int) -> dict[str, list[float]]:
     """Logit changes per probe over test exposures of ``scenario`` whose boost is off."""
@@ -138,16 +152,20 @@ def _probe_scenario(model, raw, manifest: Manifest, scenario: str, probes: list[
     spec = schema.scenario(scenario)
     test = raw.tables[spec.table].filter(pl.col(tcol) >= manifest.split_boundaries.test_start)
     clicks, orders = raw.tables["clicks"], raw.tables["orders"]
+    items = _ClickedItems(clicks.filter(pl.col(tcol) < manifest.split_boundaries.test_start))
+    clicks_of = clicks.partition_by(ucol, as_dict=True)  # one filter per user instead of a scan per exposure
+    orders_of = orders.partition_by(ucol, as_dict=True)
+    empty_clicks, empty_orders = clicks.clear(), orders.clear()
     changes: dict[str, list[float]] = {p.name: [] for p in probes}
     for i in rng.permutation(len(test)):
         if len(changes[probes[0].name]) >= exposures:
             break
         row = test[int(i)]
         user, ts, cuisine = int(row[ucol][0]), int(row[tcol][0]), int(row["cuisine"][0])
-        mine = clicks.filter((pl.col(ucol) == user) & (pl.col(tcol) < ts))
+        mine = clicks_of.get((user,), empty_clicks).filter(pl.col(tcol) < ts)
         if len(mine.filter((pl.col(tcol) >= ts - window_s) & (pl.col("cuisine") == cuisine))):
             continue  # the boost is already on: one more click changes nothing in the world
-        known = {"clicks": mine, "orders": orders.filter((pl.col(ucol) == user) & (pl.col(tcol) < ts))}
+        known = {"clicks": mine, "orders": orders_of.get((user,), empty_orders).filter(pl.col(tcol) < ts)}
 
         def ctr_logit(tables: dict[str, pl.DataFrame]) -> float:
             batch = build_request(tables, manifest, user, scenario, row, ts)
@@ -157,10 +175,8 @@ def _probe_scenario(model, raw, manifest: Manifest, scenario: str, probes: list[
         base = ctr_logit(known)
         for p in probes:
             other = (cuisine + 1 + int(rng.integers(0, num_cuisines - 1))) % num_cuisines
-            click = pl.DataFrame({ucol: [user], tcol: [ts - p.before_s], "scenario": [p.click_scenario],
-                                  "item_id": [int(rng.integers(0, 20_000))],
-                                  "cuisine": [cuisine if p.same_cuisine else other],
-                                  "price_bucket": [int(rng.integers(0, 4))]})
+            click = items.draw(p.click_scenario, cuisine if p.same_cuisine else other, rng)
+            click = click.with_columns(pl.lit(user).alias(ucol), pl.lit(ts - p.before_s).alias(tcol))
             click = click.select([pl.col(c).cast(mine.schema[c]) for c in mine.columns])
             changes[p.name].append(ctr_logit({**known, "clicks": pl.concat([mine, click])}) - base)
     if not changes[probes[0].name]:
