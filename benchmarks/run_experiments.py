@@ -43,7 +43,7 @@ from mtfm.data.sources.synthetic import load_packaged_schema
 from mtfm.data.store import read_manifest
 from mtfm.model.config import load_model_config
 from mtfm.train.checkpoint import write_json
-from mtfm.train.config import TrainConfig
+from mtfm.train.config import TrainConfig, load_train_config
 from mtfm.train.evaluate import evaluate_run, gap_closed
 from mtfm.train.trainer import train_from_data
 
@@ -80,14 +80,12 @@ def _train_and_evaluate(args: argparse.Namespace, data: Path, run: Path, arch: s
             import shutil
 
             shutil.rmtree(run)
-        if arch == "mtfm":
-            model = load_model_config(args.model).model_dump(mode="json")
-            cfg = TrainConfig(epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=args.batch_size,
-                              seed=seed, progress=False, threads=args.threads)
-        else:
-            model = {}
-            cfg = TrainConfig(epochs=args.lr_epochs, patience=args.patience, lr=args.lr_baseline_lr,
-                              batch_size=args.batch_size, seed=seed, progress=False, threads=args.threads)
+        model = load_model_config(args.model).model_dump(mode="json") if arch == "mtfm" else {}
+        settings = {"epochs": args.epochs, "lr": args.lr, "embedding_lr": args.embedding_lr} if arch == "mtfm" else {
+            "epochs": args.lr_epochs, "lr": args.lr_baseline_lr}
+        cfg = TrainConfig(**{**load_train_config(arch).model_dump(), **{k: v for k, v in settings.items() if v is not None},
+                             "patience": args.patience, "batch_size": args.batch_size, "seed": seed, "progress": False,
+                             "threads": args.threads})
         t0 = time.perf_counter()
         train_from_data(data, run, arch=arch, model_config=model, cfg=cfg, scenarios=scenarios, drop_inputs=drop_inputs)
         metrics, _ = evaluate_run(run, data, "test")
@@ -270,13 +268,14 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", required=True, help="directory for the data, the runs and the report")
     p.add_argument("--model", default="small", help="MTFM model config or preset")
-    p.add_argument("--epochs", type=int, default=4, help="MTFM max epochs (early stopping on valid GAUC)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="MTFM max epochs (default: the preset's; early stopping on valid GAUC)")
     p.add_argument("--patience", type=int, default=1)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per run (default 1: this machine's 2 cores are shared)")
-    p.add_argument("--lr", type=float, default=3e-4,
-                   help="MTFM learning rate (the paper's; 1e-3 overfits after one epoch and made multi-scenario "
-                        "PHF unstable, benchmarks/results/train.md)")
+    p.add_argument("--lr", type=float, default=None, help="MTFM dense learning rate (default: the mtfm training preset's)")
+    p.add_argument("--embedding-lr", type=float, default=None,
+                   help="MTFM embedding tables' learning rate (default: the mtfm training preset's)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--input-ablations", action="store_true",
                    help="also train MTFM without each kind of input (history, realtime, cross features) and report "
@@ -286,8 +285,8 @@ def main() -> None:
     p.add_argument("--probes", type=int, default=0, metavar="N",
                    help="synthetic: also run the signal-recovery probes on N test exposures per scenario of each "
                         "seed's multi run (mtfm diagnose) and report them")
-    p.add_argument("--lr-epochs", type=int, default=20, help="LR baseline max epochs")
-    p.add_argument("--lr-baseline-lr", type=float, default=1e-2)
+    p.add_argument("--lr-epochs", type=int, default=20, help="LR baseline max epochs (early stopping on valid GAUC)")
+    p.add_argument("--lr-baseline-lr", type=float, default=None, help="LR baseline lr (default: the logistic preset's)")
     args = p.parse_args()
 
     out = Path(args.out)

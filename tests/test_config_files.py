@@ -62,3 +62,35 @@ def test_a_non_finite_value_on_the_command_line_is_a_message_before_any_work(tmp
     assert "mtfm train: error: training config (command line): invalid training config" in err
     assert "lr: Input should be a finite number" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_config_file_refuses_a_key_given_twice(tmp_path):
+    from mtfm.model.config import ModelConfigError, load_model_config
+
+    bad = tmp_path / "model.yaml"
+    bad.write_text("d_model: 64\nblocks: 2\nd_model: 32\n")
+    with pytest.raises(ModelConfigError, match=r"model.yaml: not valid YAML: line 3: key 'd_model' given twice \(first on line 1\)"):
+        load_model_config(bad)
+
+
+def test_each_arch_trains_from_its_packaged_preset_unless_told_otherwise(tmp_path):
+    import argparse
+
+    from mtfm.cli.train import add_parser, train_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = lambda *extra: parser.parse_args(["train", "--data", "d", "--out", "o", *extra])  # noqa: E731
+    mtfm = train_config_from_args(args())
+    assert (mtfm.lr, mtfm.embedding_optimizer, mtfm.embedding_lr, mtfm.attention_bias_lr_scale, mtfm.epochs) == (
+        1e-3, "adam", 1e-4, 30.0, 3)
+    assert mtfm == load_train_config("mtfm").model_copy(update={"progress": True})
+    logistic = train_config_from_args(args("--arch", "logistic"))
+    assert (logistic.lr, logistic.embedding_optimizer, logistic.epochs) == (1e-2, "shared", 4)
+    # a flag overrides the preset; an embedding lr brings the embeddings' own optimizer with it
+    cfg = train_config_from_args(args("--arch", "logistic", "--embedding-lr", "0.05", "--lr", "0.02"))
+    assert (cfg.lr, cfg.embedding_optimizer, cfg.embedding_lr) == (0.02, "adam", 0.05)
+    with pytest.raises(TrainConfigError, match="unknown training preset"):
+        from mtfm.train.config import train_preset_path
+
+        train_preset_path("xgboost")

@@ -16,18 +16,18 @@ from pathlib import Path
 
 from mtfm.dirlock import hold_dir_lock
 from mtfm.train.checkpoint import write_json
-from mtfm.train.config import TrainConfig
+from mtfm.train.config import TrainConfig, load_train_config
 
 MARKER = ".mtfm-demo"  # only a directory holding this is ever cleared by the demo
 
-# Chosen so that the synthetic demo takes about 3-5 minutes on 2 CPU cores. Synthetic: the paper's
-# lr 3e-4 (1e-3 overfits after one epoch, benchmarks/results/train.md); MovieLens' 1.7k samples
-# need the larger step to learn in a few epochs.
+# Chosen so that the synthetic demo takes about 3-5 minutes on 2 CPU cores. Training: the arch's
+# preset (src/mtfm/configs/train_<arch>.yaml) plus these overrides. MovieLens keeps the settings
+# measured on it (1.7k samples: 8 epochs at one lr of 1e-3 for every parameter).
 DEFAULTS = {
-    "synthetic": {"users": 4000, "epochs": 3, "lr": 3e-4},
-    "movielens": {"users": None, "epochs": 8, "lr": 1e-3},
+    "synthetic": {"users": 4000, "train": {}},
+    "movielens": {"users": None, "train": {"epochs": 8, "lr": 1e-3, "embedding_optimizer": "shared",
+                                           "embedding_lr": None}},
 }
-LR_BASELINE = {"lr": 1e-2, "epochs": 4}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -96,9 +96,10 @@ def _run_locked(args: argparse.Namespace, out: Path, model_config: dict, start: 
     print(format_summary(manifest))
     timings["prepare_s"] = time.perf_counter() - t
 
+    preset = {**load_train_config("mtfm").model_dump(), **defaults["train"]}
     budget = {"max_steps": args.max_steps, "epochs": 1_000_000} if args.max_steps else {
-        "epochs": args.epochs or defaults["epochs"]}
-    cfg = TrainConfig(lr=defaults["lr"], seed=args.seed, progress=not args.quiet, threads=args.threads, **budget)
+        "epochs": args.epochs or preset["epochs"]}
+    cfg = TrainConfig(**{**preset, "seed": args.seed, "progress": not args.quiet, "threads": args.threads, **budget})
     t = _stage(f"train MTFM ({cfg.epochs if not args.max_steps else args.max_steps} "
                f"{'epochs' if not args.max_steps else 'steps'}, lr {cfg.lr}) -> {mtfm_run}")
     result = train_from_data(data, mtfm_run, arch="mtfm", model_config=model_config, cfg=cfg)
@@ -108,7 +109,8 @@ def _run_locked(args: argparse.Namespace, out: Path, model_config: dict, start: 
     baseline = None
     if not args.no_baseline:
         t = _stage(f"train the logistic-regression baseline -> {lr_run}")
-        lr_cfg = TrainConfig(seed=args.seed, progress=not args.quiet, threads=args.threads, **LR_BASELINE)
+        lr_cfg = TrainConfig(**{**load_train_config("logistic").model_dump(), "seed": args.seed,
+                                "progress": not args.quiet, "threads": args.threads})
         _print_history(train_from_data(data, lr_run, arch="logistic", model_config={}, cfg=lr_cfg).metrics)
         timings["train_lr_s"] = time.perf_counter() - t
 

@@ -33,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="YAML", default=None,
                    help="MTFM model config: a YAML file or a preset name (small, paper); default small")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", metavar="E", type=int, default=None, help="epochs (default: the config's, 1)")
+    budget.add_argument("--epochs", metavar="E", type=int, default=None, help="epochs (default: the config's)")
     budget.add_argument("--max-steps", metavar="N", type=int, default=None,
                         help="stop after N optimizer steps (mid-epoch allowed; epochs unbounded)")
     p.add_argument("--scenarios", metavar="S1,S2", default=None,
@@ -43,9 +43,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "records it and evaluate/predict read the data the same way")
     p.add_argument("--seed", metavar="S", type=int, default=None, help="seed of init, shuffling and dropout (default 0)")
     p.add_argument("--config", metavar="YAML", default=None,
-                   help="training config (fields of mtfm.train.config.TrainConfig); the options below override it")
+                   help="training config: a YAML of mtfm.train.config.TrainConfig fields or a preset name; default: the "
+                        "arch's preset (src/mtfm/configs/train_mtfm.yaml: lr 1e-3, embedding tables at lr 1e-4, attention "
+                        "biases at 30x lr, 3 epochs; train_logistic.yaml: lr 1e-2, 4 epochs); the options below override it")
     p.add_argument("--batch-size", type=int, default=None, help="samples (users) per batch per rank (default 64)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the dense optimizer (default 3e-4)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the dense optimizer (default: the preset's)")
+    p.add_argument("--embedding-lr", type=float, default=None,
+                   help="learning rate of the embedding tables' own Adam (default: the preset's)")
     p.add_argument("--patience", type=int, default=None, help="epochs without valid-GAUC gain before stopping (default 2)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
@@ -64,13 +68,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    base = load_train_config(args.config).model_dump() if args.config else {}
+    base = load_train_config(args.config or args.arch).model_dump()  # default: the arch's training preset
     overrides = {
         "epochs": args.epochs, "max_steps": args.max_steps, "seed": args.seed, "batch_size": args.batch_size,
-        "lr": args.lr, "patience": args.patience, "checkpoint_every": args.checkpoint_every, "device": args.device,
+        "lr": args.lr, "embedding_lr": args.embedding_lr, "patience": args.patience,
+        "checkpoint_every": args.checkpoint_every, "device": args.device,
         "threads": args.threads,
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
+    if args.embedding_lr is not None and base.get("embedding_optimizer", "shared") == "shared":
+        base["embedding_optimizer"] = "adam"  # an embedding lr needs the embeddings' own optimizer
     if args.max_steps is not None and args.epochs is None:
         base["epochs"] = 1_000_000  # the step budget decides
     if args.bf16:

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mtfm.model.loss import LossWeighting
+from mtfm.yamlio import safe_load
 
 AttentionBackend = Literal["reference", "jagged", "triton", "auto"]
 
@@ -232,7 +233,7 @@ def load_model_config(path: str | Path) -> ModelConfig:
     """Read and validate a model config YAML (a path, or a preset name such as ``"small"``)."""
     file = _resolve(path)
     try:
-        raw = yaml.safe_load(file.read_text())
+        raw = safe_load(file.read_text())  # a key given twice is an error naming both lines
     except yaml.YAMLError as err:
         raise ModelConfigError(f"{file}: not valid YAML: {err}") from None
     return model_config_from_dict(raw, str(file))

@@ -113,8 +113,21 @@ def train_config_from_dict(raw: object, source: str = "<train config>") -> Train
         raise TrainConfigError(f"{source}: invalid training config ({err.error_count()} problem(s))\n{problems}") from None
 
 
+TRAIN_PRESETS = ("mtfm", "logistic")  # src/mtfm/configs/train_<name>.yaml: each arch's measured defaults
+
+
+def train_preset_path(name: str) -> Path:
+    """The packaged training preset of an arch (``mtfm``, ``logistic``)."""
+    from importlib import resources
+
+    if name not in TRAIN_PRESETS:
+        raise TrainConfigError(f"unknown training preset {name!r}; expected one of {list(TRAIN_PRESETS)} or a YAML path")
+    return Path(str(resources.files("mtfm") / "configs" / f"train_{name}.yaml"))
+
+
 def load_train_config(path: str | Path) -> TrainConfig:
-    path = Path(path)
+    """Read and validate a training config YAML: a path, or a preset name (``mtfm``, ``logistic``)."""
+    path = train_preset_path(str(path)) if str(path) in TRAIN_PRESETS else Path(path)
     if not path.is_file():
         raise TrainConfigError(f"{path}: training config file not found")
     try:
