@@ -82,8 +82,7 @@ def test_each_arch_trains_from_its_packaged_preset_unless_told_otherwise(tmp_pat
     add_parser(parser.add_subparsers())
     args = lambda *extra: parser.parse_args(["train", "--data", "d", "--out", "o", *extra])  # noqa: E731
     mtfm = train_config_from_args(args())
-    assert (mtfm.lr, mtfm.embedding_optimizer, mtfm.embedding_lr, mtfm.attention_bias_lr_scale, mtfm.epochs) == (
-        1e-3, "adam", 1e-4, 30.0, 3)
+    assert (mtfm.lr, mtfm.embedding_optimizer, mtfm.attention_bias_lr_scale, mtfm.epochs) == (3e-4, "shared", 30.0, 3)
     assert mtfm == load_train_config("mtfm").model_copy(update={"progress": True})
     logistic = train_config_from_args(args("--arch", "logistic"))
     assert (logistic.lr, logistic.embedding_optimizer, logistic.epochs) == (1e-2, "shared", 4)

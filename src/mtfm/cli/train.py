@@ -44,8 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", metavar="S", type=int, default=None, help="seed of init, shuffling and dropout (default 0)")
     p.add_argument("--config", metavar="YAML", default=None,
                    help="training config: a YAML of mtfm.train.config.TrainConfig fields or a preset name; default: the "
-                        "arch's preset (src/mtfm/configs/train_mtfm.yaml: lr 1e-3, embedding tables at lr 1e-4, attention "
-                        "biases at 30x lr, 3 epochs; train_logistic.yaml: lr 1e-2, 4 epochs); the options below override it")
+                        "arch's preset (src/mtfm/configs/train_mtfm.yaml: Adam at lr 3e-4, attention biases at 30x lr, 3 "
+                        "epochs; train_logistic.yaml: lr 1e-2, 4 epochs); the options below override it")
     p.add_argument("--batch-size", type=int, default=None, help="samples (users) per batch per rank (default 64)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of the dense optimizer (default: the preset's)")
     p.add_argument("--embedding-lr", type=float, default=None,
