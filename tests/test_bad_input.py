@@ -44,7 +44,7 @@ def test_missing_file_names_the_expected_path(tmp_path) -> None:
     raw = tiny_world(0)
     _write_dir(raw, tmp_path / "d")
     (tmp_path / "d" / "orders.parquet").unlink()
-    with pytest.raises(FileNotFoundError, match=r"orders\.parquet \(or orders\.csv\): table 'orders' not found"):
+    with pytest.raises(FileNotFoundError, match=r"orders\.parquet \(or orders\.csv, orders\.csv\.gz, orders\.csv\.zst, orders/\*\.parquet\): table .orders. not found"):
         load_directory(str(tmp_path / "d"), raw.schema, None, 0)
 
 

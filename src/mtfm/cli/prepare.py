@@ -59,7 +59,7 @@ sources:
   synthetic  generated multi-scenario world with oracle probabilities (--users, --seed)
   movielens  MovieLens-100K as scenarios (--path: its directory, default shared/data)
   kuairand   KuaiRand-Pure (--path: its directory)
-  directory  DIR/<table>.parquet or .csv per table of --schema (required); CSV lists a|b|c
+  directory  DIR/<table>.parquet, .csv, .csv.gz, .csv.zst or <table>/*.parquet per table of --schema (required); CSV lists a|b|c
 """
 
 
