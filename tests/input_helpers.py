@@ -58,6 +58,11 @@ def prepared(directory: Path, out: Path) -> tuple[dict, dict[str, bytes]]:
     """Prepare ``directory`` into ``out``; (manifest without volatile fields, every other file's bytes)."""
     raw = load_directory(str(directory), raw_schema(directory), None, 0)
     prepare(raw, out)
+    return store_contents(out)
+
+
+def store_contents(out: Path) -> tuple[dict, dict[str, bytes]]:
+    """A prepared store as (manifest without volatile fields, every other file's bytes)."""
     manifest = json.loads((out / "manifest.json").read_text())
     for key in VOLATILE:
         manifest.pop(key, None)

@@ -15,6 +15,7 @@ The schema is the contract between the raw logs and everything downstream:
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal, Union
@@ -205,13 +206,15 @@ class SequenceSpec(_Strict):
 
 class TimeSpec(_Strict):
     column: str = "ts"
-    unit: Literal["s", "ms"] = "s"
+    unit: Literal["s", "ms", "us", "ns"] = Field(
+        default="s", description="unit of integer timestamps; datetime and ISO-8601 input is converted to it"
+    )
     min: int | None = Field(default=None, description="exposures before this are dropped (counted)")
     max: int | None = Field(default=None, description="exposures at or after this are dropped (counted)")
 
     @property
     def per_second(self) -> int:
-        return 1000 if self.unit == "ms" else 1
+        return PER_SECOND[self.unit]
 
 
 class SplitSpec(_Strict):
@@ -240,7 +243,31 @@ class SplitSpec(_Strict):
         return self
 
 
+PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+
+
+def _instant_to_unit(value: object, unit: str) -> object:
+    """An ISO-8601 text or YAML datetime/date -> integer epoch in ``unit`` (an offset is
+    honoured, none means UTC); anything else is returned for the field's own validation."""
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+        value = dt.datetime(value.year, value.month, value.day)
+    if not isinstance(value, dt.datetime):
+        return value
+    aware = value if value.tzinfo is not None else value.replace(tzinfo=dt.timezone.utc)
+    delta = aware - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    return (delta // dt.timedelta(microseconds=1)) * PER_SECOND[unit] // 1_000_000
+
+
 class DataSchema(_Strict):
+    """The whole schema. ``time.min``/``time.max`` and ``split.valid_start``/``test_start``
+    may be written as dates or ISO-8601 times (``2024-05-01T00:00:00+02:00``); they are
+    converted to integers in ``time.unit`` when the schema is read."""
+
     user_column: str = "user_id"
     time: TimeSpec = Field(default_factory=TimeSpec)
     window: int = Field(gt=0, description="aggregation window length, in the time unit")
@@ -248,6 +275,24 @@ class DataSchema(_Strict):
     scenarios: list[ScenarioSpec] = Field(min_length=1)
     history: list[SequenceSpec] = Field(default_factory=list)
     realtime: list[SequenceSpec] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _instants_to_unit(cls, data: object) -> object:
+        """Dates and ISO times among the time bounds -> integers in the unit (see the class)."""
+        if not isinstance(data, dict):
+            return data
+        time, split = data.get("time"), data.get("split")
+        unit = time.get("unit", "s") if isinstance(time, dict) else "s"
+        if unit not in PER_SECOND:
+            return data
+        data = dict(data)
+        if isinstance(time, dict):
+            data["time"] = {k: _instant_to_unit(v, unit) if k in ("min", "max") else v for k, v in time.items()}
+        if isinstance(split, dict):
+            data["split"] = {k: _instant_to_unit(v, unit) if k in ("valid_start", "test_start") else v
+                             for k, v in split.items()}
+        return data
 
     @model_validator(mode="after")
     def _names_unique(self) -> "DataSchema":

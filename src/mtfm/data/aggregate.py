@@ -99,6 +99,7 @@ from mtfm.data.store import (
     write_manifest,
     write_shard,
 )
+from mtfm.data.timestamps import frame_to_unit, tables_to_unit
 from mtfm.data.validate import (
     DataError,
     require_columns,
@@ -911,6 +912,7 @@ def _prepare_into(out_dir: Path, raw: RawTables, scenarios: list[str] | None, sh
     """:func:`prepare`'s work, into an empty directory (the staging directory)."""
     timer = PhaseTimer()
     schema = raw.schema if scenarios is None else raw.schema.restrict(scenarios)
+    raw = tables_to_unit(raw, schema)
     validate_raw(raw, schema)
     timer.tick("validate")
     agg = aggregate(raw.tables, raw.origins, schema, timer=timer)
@@ -991,6 +993,7 @@ def build_request(tables: RawTables | Mapping[str, pl.DataFrame], manifest: Mani
     if tcol not in cand.columns:
         cand = cand.with_columns(pl.lit(request_time, dtype=pl.Int64).alias(tcol))
     origin = f"request(user={user}, scenario={scenario})"
+    cand = frame_to_unit(cand, tcol, schema.time.unit, origin)
     validate_exposure_table(cand, schema, spec, origin, labels_required=False)
     if len(cand) == 0:
         raise DataError(f"{origin}: no candidates")
@@ -1009,7 +1012,8 @@ def build_request(tables: RawTables | Mapping[str, pl.DataFrame], manifest: Mani
             raise DataError(f"{origin}: missing behaviour table '{table}' (the schema's sequences read it)")
         req_origins[table] = f"{origins.get(table, table)} (rows of user {user})"
         require_columns(frames[table], [ucol], origins.get(table, table), "behaviour table")
-        req_tables[table] = frames[table].filter(pl.col(ucol) == user)
+        req_tables[table] = frame_to_unit(frames[table].filter(pl.col(ucol) == user), tcol, schema.time.unit,
+                                          req_origins[table])
         validate_sequence_table(req_tables[table], schema, specs, req_origins[table])
     far = SplitBoundaries(style="absolute", valid_start=np.iinfo(np.int64).max, test_start=np.iinfo(np.int64).max)
     agg = aggregate(req_tables, req_origins, schema, boundaries=far,

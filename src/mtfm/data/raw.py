@@ -11,7 +11,8 @@ Source modules (``mtfm.data.sources.<name>``) expose::
     def load_source(path: str | None, schema: DataSchema | None, users: int | None, seed: int) -> RawTables
 
 Column conventions inside every table: the schema's ``user_column`` (integer user id) and
-``time.column`` (integer timestamp in ``time.unit``); exposure tables also carry every label
+``time.column`` (integer timestamp in ``time.unit``, or a datetime / ISO-8601 text, which
+``prepare`` and ``build_request`` convert first: :mod:`mtfm.data.timestamps`); exposure tables also carry every label
 column of their scenario's tasks (0/1) and every feature column named in the schema; oracle
 columns (true probabilities) when the task names one. Sources may also report rows they
 filtered before aggregation in ``pre_dropped`` (reason -> exposure count) so the manifest's

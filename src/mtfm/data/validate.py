@@ -101,7 +101,8 @@ def check_user_column(df: pl.DataFrame, column: str, origin: str) -> None:
 def check_time_column(df: pl.DataFrame, column: str, origin: str, unit: str) -> None:
     s = df[column]
     if not s.dtype.is_integer():
-        raise _dtype_error(origin, column, s.dtype, f"an integer timestamp in unit '{unit}'")
+        raise _dtype_error(origin, column, s.dtype, f"an integer timestamp in unit '{unit}', a datetime or "
+                           "ISO-8601 text")
     check_not_null(df, column, origin, f"an integer timestamp in unit '{unit}'")
     if s.dtype.is_signed_integer() and len(s) and s.min() < 0:  # type: ignore[operator]
         _fail(origin, column, s < 0, s, f"a non-negative timestamp in unit '{unit}'")
