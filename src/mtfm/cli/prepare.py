@@ -37,7 +37,12 @@ bad-input policy:
     missing table file or column, wrong dtype, null in a required field (user, timestamp,
     features, labels unless the task sets allow_missing), negative timestamp, label outside
     {0, 1}, categorical id outside [0, num_embeddings), unknown scenario (--scenarios naming
-    one not in the schema, or a table the schema does not name).
+    one not in the schema, or a table the schema does not name), a CSV cell that is not a
+    number in a numeric column (named with its row and value), a timestamp text that is not
+    ISO-8601, integer timestamps that look like another unit (ms in a schema in s), an empty
+    split (train always; valid and test with absolute boundaries), named with the boundaries
+    and the data's range.
+  warnings (the rows are kept): timestamps far outside the bulk of a table's, with counts.
   counted drops (manifest.json "dropped", printed below the run):
     timestamp_out_of_range  exposures with ts outside [time.min, time.max) of the schema
     duplicate_exposure      exact duplicate exposure rows (every column equal); first kept

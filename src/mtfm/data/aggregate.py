@@ -99,7 +99,7 @@ from mtfm.data.store import (
     write_manifest,
     write_shard,
 )
-from mtfm.data.timestamps import frame_to_unit, tables_to_unit
+from mtfm.data.timestamps import check_splits_not_empty, frame_to_unit, tables_to_unit, warn_far_timestamps
 from mtfm.data.validate import (
     DataError,
     require_columns,
@@ -709,7 +709,10 @@ def aggregate(tables: Mapping[str, pl.DataFrame], origins: Mapping[str, str], sc
         raise DataError(f"no exposures left to aggregate (input {input_exposures}, dropped {dropped})")
     window_lo, n_windows = _window_span(scen, schema.window)
     if boundaries is None:
-        boundaries = split_boundaries(schema, _distinct_windows(scen, schema.window, window_lo, n_windows))
+        windows = _distinct_windows(scen, schema.window, window_lo, n_windows)
+        boundaries = split_boundaries(schema, windows)
+        check_splits_not_empty(windows, schema.window, schema.time.unit, boundaries.valid_start,
+                               boundaries.test_start, boundaries.style == "absolute")
     users = _Users.build([r.user for r in scen if r.user.size], n_windows + 2)
     _order_exposures(scen, users, schema, window_lo, n_windows, dropped, apply_drops)
     tick("order_exposures")
@@ -914,6 +917,8 @@ def _prepare_into(out_dir: Path, raw: RawTables, scenarios: list[str] | None, sh
     schema = raw.schema if scenarios is None else raw.schema.restrict(scenarios)
     raw = tables_to_unit(raw, schema)
     validate_raw(raw, schema)
+    for table in dict.fromkeys([s.table for s in schema.scenarios] + list(sequence_tables(schema))):
+        warn_far_timestamps(raw.tables[table], schema.time.column, schema.time.unit, raw.origin(table), schema.window)
     timer.tick("validate")
     agg = aggregate(raw.tables, raw.origins, schema, timer=timer)
     # The oracle table (sorts in numpy / scikit-learn, which release the GIL) runs beside the

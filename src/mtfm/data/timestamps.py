@@ -24,7 +24,9 @@ like another unit (milliseconds in a schema in seconds) are an error that names 
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 
+import numpy as np
 import polars as pl
 
 from mtfm.config import PER_SECOND, DataSchema
@@ -137,3 +139,75 @@ def check_unit(df: pl.DataFrame, column: str, unit: str, origin: str) -> None:
         f"{_as_date(median, seen)} in '{seen}'), but the schema says time.unit '{unit}' "
         f"({UNIT_WORDS[unit]}); set time.unit: {seen} (and window, split boundaries, time.min/max in {seen})"
     )
+
+
+def describe(value: int, unit: str) -> str:
+    """``value`` with its UTC calendar time when it is a plausible epoch value in ``unit``
+    (messages then show ``1700000000 (2023-11-14 22:13:20 UTC)``), else the number alone."""
+    if _looks_like(float(value)) != unit:
+        return str(value)
+    when = dt.datetime.fromtimestamp(value / PER_SECOND[unit], tz=dt.timezone.utc)
+    return f"{value} ({when.strftime('%Y-%m-%d %H:%M:%S')} UTC)"
+
+
+def check_splits_not_empty(windows: np.ndarray, window: int, unit: str, valid_start: int, test_start: int,
+                           absolute: bool) -> None:
+    """An error naming the boundaries and the data's range when a split the schema asks for
+    has no window.
+
+    Why here and not later: an empty train split otherwise surfaces as a normalisation error
+    (no rows to fit on) and an empty valid/test split as a training or shard error, neither of
+    which says that the split boundaries miss the data. Train must never be empty; with
+    absolute boundaries valid (when ``valid_start < test_start``) and test must not be either.
+    Fraction splits keep train non-empty by construction and give valid/test what rounding
+    gives them, so only train is checked for them.
+    """
+    starts = np.unique(windows) * window
+    if starts.size == 0:
+        return
+    counts = {
+        "train": int((starts < valid_start).sum()),
+        "valid": int(((starts >= valid_start) & (starts < test_start)).sum()),
+        "test": int((starts >= test_start).sum()),
+    }
+    wanted = ["train"] + (["valid"] * (valid_start < test_start) + ["test"] if absolute else [])
+    empty = [name for name in wanted if counts[name] == 0]
+    if not empty:
+        return
+    first, last_end = int(starts[0]), int(starts[-1]) + window
+    raise DataError(
+        f"split {empty[0]!r} is empty: boundaries valid_start={describe(valid_start, unit)}, "
+        f"test_start={describe(test_start, unit)} vs data range [{describe(first, unit)}, "
+        f"{describe(last_end, unit)}) ({starts.size} window(s) of {window} {unit} with exposures: "
+        f"train {counts['train']}, valid {counts['valid']}, test {counts['test']}); move split.valid_start / "
+        f"split.test_start into the data range (they are in time.unit '{unit}')"
+    )
+
+
+def warn_far_timestamps(df: pl.DataFrame, column: str, unit: str, origin: str, window: int) -> int:
+    """Warn (with counts) about timestamps far outside the bulk of ``df``'s; return how many.
+
+    "Far": more than ten times the spread of the central 98% (at least one window) below its
+    1st or above its 99th percentile -- a clock default (0 = 1970), a year typed wrong. Such
+    rows are kept (they may be real); the warning says how to drop them, counted
+    (``time.min`` / ``time.max``). Quantiles come from at most ~100k evenly spaced rows.
+    """
+    s = df[column]
+    if len(s) < 100 or not s.dtype.is_integer():
+        return 0
+    sample = s.gather_every(max(1, len(s) // 100_000))
+    lo, hi = float(sample.quantile(0.01)), float(sample.quantile(0.99))  # type: ignore[arg-type]
+    reach = 10 * max(hi - lo, float(window))
+    below, above = s < lo - reach, s > hi + reach
+    n_below, n_above = int(below.sum()), int(above.sum())
+    if n_below + n_above == 0:
+        return 0
+    row = int((below | above).arg_max())
+    warnings.warn(
+        f"{origin}: column '{column}': {n_below + n_above} row(s) lie far outside the bulk of the timestamps "
+        f"[{describe(int(lo), unit)}, {describe(int(hi), unit)}] ({n_below} before, {n_above} after; first: "
+        f"row {row} = {describe(int(s[row]), unit)}); they are kept: set time.min / time.max to drop them "
+        "(counted as timestamp_out_of_range)",
+        stacklevel=2,
+    )
+    return n_below + n_above

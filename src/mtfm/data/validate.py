@@ -64,7 +64,21 @@ def _fail(origin: str, column: str, bad: pl.Series, values: pl.Series, expected:
     )
 
 
-def _dtype_error(origin: str, column: str, dtype: pl.DataType, expected: str) -> DataError:
+def _dtype_error(origin: str, column: str, dtype: pl.DataType, expected: str,
+                 values: pl.Series | None = None) -> DataError:
+    """A wrong-dtype error; for a text column where a number was expected, the first cell
+    that is not a number is named with its row: a CSV column with one stray cell ("n/a",
+    "1,5") is read as text as a whole, and the dtype alone would not tell the user where."""
+    if values is not None and _is_text(dtype):
+        text = values.cast(pl.String)
+        bad = text.str.strip_chars().cast(pl.Float64, strict=False).is_null() & text.is_not_null()
+        if bad.any():
+            row = int(bad.arg_max())
+            return DataError(
+                f"{origin}: column '{column}', row {row}: got {text[row]!r}; expected {expected} "
+                f"({int(bad.sum())} row(s) of this column are not numbers, so the whole column was read as "
+                f"text, dtype {dtype})"
+            )
     return DataError(f"{origin}: column '{column}' has dtype {dtype}; expected {expected}")
 
 
@@ -94,7 +108,7 @@ def check_not_null(df: pl.DataFrame, column: str, origin: str, expected: str) ->
 def check_user_column(df: pl.DataFrame, column: str, origin: str) -> None:
     dtype = df[column].dtype
     if not dtype.is_integer():
-        raise _dtype_error(origin, column, dtype, "an integer user id")
+        raise _dtype_error(origin, column, dtype, "an integer user id", df[column])
     check_not_null(df, column, origin, "an integer user id")
 
 
@@ -111,7 +125,7 @@ def check_time_column(df: pl.DataFrame, column: str, origin: str, unit: str) -> 
 def check_label_column(df: pl.DataFrame, column: str, origin: str, allow_missing: bool) -> None:
     s = df[column]
     if not (s.dtype.is_integer() or s.dtype.is_float() or s.dtype == pl.Boolean):
-        raise _dtype_error(origin, column, s.dtype, "a 0/1 label (integer or boolean)")
+        raise _dtype_error(origin, column, s.dtype, "a 0/1 label (integer or boolean)", s)
     if not allow_missing:
         check_not_null(df, column, origin, "a 0/1 label (the task does not allow missing labels)")
     if s.dtype == pl.Boolean or len(s) == 0:
@@ -128,7 +142,7 @@ def check_label_column(df: pl.DataFrame, column: str, origin: str, allow_missing
 def check_oracle_column(df: pl.DataFrame, column: str, origin: str) -> None:
     s = df[column]
     if not (s.dtype.is_float() or s.dtype.is_integer()):
-        raise _dtype_error(origin, column, s.dtype, "a probability in [0, 1] (float)")
+        raise _dtype_error(origin, column, s.dtype, "a probability in [0, 1] (float)", s)
     _fail(origin, column, (s < 0) | (s > 1), s, "a probability in [0, 1] (null or NaN = unknown)")
 
 
@@ -156,7 +170,7 @@ def check_feature(df: pl.DataFrame, feature: Feature, origin: str) -> None:
     s = df[col]
     if isinstance(feature, NumericFeature):
         if not (s.dtype.is_integer() or s.dtype.is_float()):
-            raise _dtype_error(origin, col, s.dtype, "a number (numeric feature)")
+            raise _dtype_error(origin, col, s.dtype, "a number (numeric feature)", s)
         check_not_null(df, col, origin, "a number (numeric feature)")
         if s.dtype.is_float():
             _fail(origin, col, s.is_infinite(), s, "a finite number")
@@ -169,7 +183,7 @@ def check_feature(df: pl.DataFrame, feature: Feature, origin: str) -> None:
         return
     expected = _id_dtype_ok(s.dtype, feature)
     if expected is not None:
-        raise _dtype_error(origin, col, s.dtype, expected)
+        raise _dtype_error(origin, col, s.dtype, expected, s)
     check_not_null(df, col, origin, "a categorical value")
     bad = _out_of_range(s, feature)
     if bad is not None:
