@@ -150,9 +150,24 @@ class TaskSpec(_Strict):
     oracle_column: str | None = None
 
 
+class SideTable(_Strict):
+    """A feature table joined onto an exposure or behaviour table by a key column.
+
+    Every feature column the reading table lacks and the side table has is taken from the
+    side table's row with the same ``key`` (a column of both tables). The key must be unique
+    in the side table, and every key of the reading table must be found there; both are
+    errors naming the row otherwise (a silent null or a duplicated exposure is never made).
+    """
+
+    table: str = Field(min_length=1)
+    key: str = Field(min_length=1, description="join column, present in both tables")
+
+
 class ScenarioSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_]+$")
     table: str = Field(min_length=1, description="exposure table of this scenario")
+    user_table: SideTable | None = Field(default=None, description="user features joined by key")
+    item_table: SideTable | None = Field(default=None, description="item features joined by key")
     user_features: list[Feature] = Field(default_factory=list)
     cross_features: list[Feature] = Field(default_factory=list)
     item_features: list[Feature] = Field(min_length=1)
@@ -188,6 +203,7 @@ class SequenceSpec(_Strict):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_]+$")
     table: str = Field(min_length=1)
+    item_table: SideTable | None = Field(default=None, description="features of the actions' items, joined by key")
     features: list[Feature] = Field(min_length=1)
     max_len: int = Field(gt=0)
     max_in_window: int | None = Field(
@@ -302,6 +318,10 @@ class DataSchema(_Strict):
         seq = [s.name for s in (*self.history, *self.realtime)]
         if len(set(seq)) != len(seq):
             raise ValueError(f"duplicate sequence names across history and realtime: {seq}")
+        main = {s.table for s in self.scenarios} | {s.table for s in (*self.history, *self.realtime)}
+        both = sorted(main & set(self.side_tables()))
+        if both:
+            raise ValueError(f"table(s) {both} are used both as side tables and as exposure/behaviour tables")
         capped = [h.name for h in self.history if h.max_in_window is not None]
         if capped:
             raise ValueError(f"history[{capped[0]}].max_in_window: only real-time sequences store in-window actions")
@@ -312,6 +332,15 @@ class DataSchema(_Strict):
     @property
     def scenario_names(self) -> list[str]:
         return [s.name for s in self.scenarios]
+
+    def side_tables(self) -> dict[str, list[SideTable]]:
+        """Side table name -> its uses (user/item tables of scenarios and sequences), in order."""
+        out: dict[str, list[SideTable]] = {}
+        for spec in (*self.scenarios, *self.history, *self.realtime):
+            for side in (getattr(spec, "user_table", None), spec.item_table):
+                if side is not None:
+                    out.setdefault(side.table, []).append(side)
+        return out
 
     def scenario(self, name: str) -> ScenarioSpec:
         for s in self.scenarios:

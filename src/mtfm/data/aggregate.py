@@ -99,6 +99,7 @@ from mtfm.data.store import (
     write_manifest,
     write_shard,
 )
+from mtfm.data.side import join_frame, join_side_tables, sides_of
 from mtfm.data.timestamps import check_splits_not_empty, frame_to_unit, tables_to_unit, warn_far_timestamps
 from mtfm.data.validate import (
     DataError,
@@ -915,7 +916,7 @@ def _prepare_into(out_dir: Path, raw: RawTables, scenarios: list[str] | None, sh
     """:func:`prepare`'s work, into an empty directory (the staging directory)."""
     timer = PhaseTimer()
     schema = raw.schema if scenarios is None else raw.schema.restrict(scenarios)
-    raw = tables_to_unit(raw, schema)
+    raw = join_side_tables(tables_to_unit(raw, schema), schema)
     validate_raw(raw, schema)
     for table in dict.fromkeys([s.table for s in schema.scenarios] + list(sequence_tables(schema))):
         warn_far_timestamps(raw.tables[table], schema.time.column, schema.time.unit, raw.origin(table), schema.window)
@@ -999,6 +1000,8 @@ def build_request(tables: RawTables | Mapping[str, pl.DataFrame], manifest: Mani
         cand = cand.with_columns(pl.lit(request_time, dtype=pl.Int64).alias(tcol))
     origin = f"request(user={user}, scenario={scenario})"
     cand = frame_to_unit(cand, tcol, schema.time.unit, origin)
+    sides, side_features = sides_of(schema, spec.table)
+    cand = join_frame(cand, origin, sides, side_features, frames, origins) if sides else cand
     validate_exposure_table(cand, schema, spec, origin, labels_required=False)
     if len(cand) == 0:
         raise DataError(f"{origin}: no candidates")
@@ -1019,6 +1022,10 @@ def build_request(tables: RawTables | Mapping[str, pl.DataFrame], manifest: Mani
         require_columns(frames[table], [ucol], origins.get(table, table), "behaviour table")
         req_tables[table] = frame_to_unit(frames[table].filter(pl.col(ucol) == user), tcol, schema.time.unit,
                                           req_origins[table])
+        sides, side_features = sides_of(schema, table)
+        if sides:
+            req_tables[table] = join_frame(req_tables[table], req_origins[table], sides, side_features, frames,
+                                           origins)
         validate_sequence_table(req_tables[table], schema, specs, req_origins[table])
     far = SplitBoundaries(style="absolute", valid_start=np.iinfo(np.int64).max, test_start=np.iinfo(np.int64).max)
     agg = aggregate(req_tables, req_origins, schema, boundaries=far,

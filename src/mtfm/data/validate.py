@@ -283,16 +283,17 @@ def sequence_tables(schema: DataSchema) -> dict[str, list[SequenceSpec]]:
 
 def check_tables_present(raw: RawTables, full: DataSchema, used: DataSchema) -> None:
     """Every table ``used`` needs is there; every table present is one ``full`` names."""
-    known = {s.table for s in full.scenarios} | set(sequence_tables(full))
+    known = {s.table for s in full.scenarios} | set(sequence_tables(full)) | set(full.side_tables())
     unknown = sorted(set(raw.tables) - known)
     if unknown:
         where = ", ".join(f"'{t}' (from {raw.origin(t)})" for t in unknown)
         raise DataError(
             f"table(s) {where} are not named by the schema: unknown scenario or behaviour table; "
             f"the schema's scenarios are {full.scenario_names} with tables "
-            f"{[s.table for s in full.scenarios]}, behaviour tables {sorted(sequence_tables(full))}"
+            f"{[s.table for s in full.scenarios]}, behaviour tables {sorted(sequence_tables(full))}, "
+            f"side tables {sorted(full.side_tables())}"
         )
-    needed = [s.table for s in used.scenarios] + list(sequence_tables(used))
+    needed = [s.table for s in used.scenarios] + list(sequence_tables(used)) + list(used.side_tables())
     missing = [t for t in dict.fromkeys(needed) if t not in raw.tables]
     if missing:
         raise DataError(f"missing table(s) {missing}: the schema names them but the source did not provide them")

@@ -65,7 +65,8 @@ def _not_found(directory: Path, table: str) -> FileNotFoundError:
 
 def _table_files(directory: Path, schema: DataSchema) -> dict[str, Path]:
     """Table name -> its file or Parquet folder; unknown tables and ambiguous layouts are errors."""
-    wanted = list(dict.fromkeys([s.table for s in schema.scenarios] + list(sequence_tables(schema))))
+    wanted = list(dict.fromkeys([s.table for s in schema.scenarios] + list(sequence_tables(schema))
+                                + list(schema.side_tables())))
     present: dict[str, list[Path]] = {}
     for entry in sorted(directory.iterdir()):
         name = _table_name(entry)
@@ -91,13 +92,14 @@ def _table_files(directory: Path, schema: DataSchema) -> dict[str, Path]:
 
 
 def _list_columns(schema: DataSchema, table: str) -> list[str]:
-    """Multi-categorical columns of ``table`` (written ``a|b|c`` in CSV)."""
+    """Multi-categorical columns of ``table`` (written ``a|b|c`` in CSV); a side table's are
+    those of the scenarios and sequences that join it."""
     names = []
     for s in schema.scenarios:
-        if s.table == table:
+        if table in (s.table, *[side.table for side in (s.user_table, s.item_table) if side is not None]):
             names += [f.name for g in s.feature_groups.values() for f in g if isinstance(f, MultiCategoricalFeature)]
     for seq in [*schema.history, *schema.realtime]:
-        if seq.table == table:
+        if seq.table == table or (seq.item_table is not None and seq.item_table.table == table):
             names += [f.name for f in seq.features if isinstance(f, MultiCategoricalFeature)]
     return list(dict.fromkeys(names))
 
