@@ -122,6 +122,62 @@ Feature = Annotated[
 ]
 
 
+class VectorFeature(_Strict):
+    """A fixed-length list of numbers in one column (an affinity vector, a pretrained embedding).
+
+    Declared once instead of ``dim`` numeric features; prepare checks every row holds exactly
+    ``dim`` finite numbers and stores component ``i`` as the numeric feature ``name[i]``
+    (each normalised as ``normalization`` says, statistics per component from the train
+    split), so the model sees ``dim`` numeric inputs. In CSV the values are joined by ``|``.
+    Scenario features only (user, cross, item).
+    """
+
+    kind: Literal["vector"] = "vector"
+    name: str = Field(min_length=1)
+    dim: int = Field(gt=0, le=4096)
+    normalization: Literal["none", "log1p", "standard", "minmax"] = "standard"
+
+    def components(self) -> list[NumericFeature]:
+        """The numeric features prepare stores, one per position."""
+        return [NumericFeature(name=f"{self.name}[{i}]", normalization=self.normalization) for i in range(self.dim)]
+
+
+class VectorEntryFeature(_Strict):
+    """One number per row: entry ``index`` (an integer column, 0-based) of the list column
+    ``vector`` -- "the affinity of the user to the shown item" when ``vector`` holds one value
+    per item and ``index`` is the item's position. Stored as the numeric feature ``name``; an
+    index outside the row's vector is an error naming the row. Scenario features only."""
+
+    kind: Literal["vector_entry"] = "vector_entry"
+    name: str = Field(min_length=1, description="name of the derived numeric feature")
+    vector: str = Field(min_length=1, description="list column holding the vector")
+    index: str = Field(min_length=1, description="integer column: position in the vector, 0-based")
+    normalization: Literal["none", "log1p", "standard", "minmax"] = "standard"
+
+    def as_numeric(self) -> NumericFeature:
+        return NumericFeature(name=self.name, normalization=self.normalization)
+
+
+ScenarioFeature = Annotated[
+    Union[CategoricalFeature, MultiCategoricalFeature, NumericFeature, VectorFeature, VectorEntryFeature],
+    Field(discriminator="kind"),
+]
+
+
+def expand_features(features: Sequence[object]) -> list[Feature]:
+    """Scenario features as stored and modelled: a vector becomes its components, a vector
+    entry its numeric feature; the others are themselves."""
+    out: list[Feature] = []
+    for f in features:
+        if isinstance(f, VectorFeature):
+            out += f.components()
+        elif isinstance(f, VectorEntryFeature):
+            out.append(f.as_numeric())
+        else:
+            out.append(f)  # type: ignore[arg-type]
+    return out
+
+
 def _unique_feature_names(features: list[Feature], where: str) -> list[Feature]:
     names = [f.name for f in features]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -168,15 +224,16 @@ class ScenarioSpec(_Strict):
     table: str = Field(min_length=1, description="exposure table of this scenario")
     user_table: SideTable | None = Field(default=None, description="user features joined by key")
     item_table: SideTable | None = Field(default=None, description="item features joined by key")
-    user_features: list[Feature] = Field(default_factory=list)
-    cross_features: list[Feature] = Field(default_factory=list)
-    item_features: list[Feature] = Field(min_length=1)
+    user_features: list[ScenarioFeature] = Field(default_factory=list)
+    cross_features: list[ScenarioFeature] = Field(default_factory=list)
+    item_features: list[ScenarioFeature] = Field(min_length=1)
     tasks: list[TaskSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _names_unique(self) -> "ScenarioSpec":
         all_features = [*self.user_features, *self.cross_features, *self.item_features]
-        _unique_feature_names(all_features, "user/cross/item features")
+        _unique_feature_names(all_features, "user/cross/item features")  # type: ignore[arg-type]
+        _unique_feature_names(expand_features(all_features), "user/cross/item features (vectors expanded)")
         task_names = [t.name for t in self.tasks]
         if len(set(task_names)) != len(task_names):
             raise ValueError(f"duplicate task names: {task_names}")
@@ -184,7 +241,19 @@ class ScenarioSpec(_Strict):
 
     @property
     def feature_groups(self) -> dict[str, list[Feature]]:
+        """Features per group as stored and modelled (vectors expanded, :func:`expand_features`)."""
+        return {"user": expand_features(self.user_features), "cross": expand_features(self.cross_features),
+                "item": expand_features(self.item_features)}
+
+    @property
+    def declared_groups(self) -> dict[str, list[ScenarioFeature]]:
+        """Features per group as the schema declares them (what the raw tables hold)."""
         return {"user": list(self.user_features), "cross": list(self.cross_features), "item": list(self.item_features)}
+
+    def vector_features(self) -> list[VectorFeature | VectorEntryFeature]:
+        """The vector and vector-entry features, which prepare derives columns for."""
+        return [f for g in self.declared_groups.values() for f in g
+                if isinstance(f, (VectorFeature, VectorEntryFeature))]
 
     @property
     def task_names(self) -> list[str]:

@@ -101,6 +101,7 @@ from mtfm.data.store import (
 )
 from mtfm.data.side import join_frame, join_side_tables, sides_of
 from mtfm.data.timestamps import check_splits_not_empty, frame_to_unit, tables_to_unit, warn_far_timestamps
+from mtfm.data.vectors import expand_frame, expand_vectors
 from mtfm.data.validate import (
     DataError,
     require_columns,
@@ -916,7 +917,7 @@ def _prepare_into(out_dir: Path, raw: RawTables, scenarios: list[str] | None, sh
     """:func:`prepare`'s work, into an empty directory (the staging directory)."""
     timer = PhaseTimer()
     schema = raw.schema if scenarios is None else raw.schema.restrict(scenarios)
-    raw = join_side_tables(tables_to_unit(raw, schema), schema)
+    raw = expand_vectors(join_side_tables(tables_to_unit(raw, schema), schema), schema)
     validate_raw(raw, schema)
     for table in dict.fromkeys([s.table for s in schema.scenarios] + list(sequence_tables(schema))):
         warn_far_timestamps(raw.tables[table], schema.time.column, schema.time.unit, raw.origin(table), schema.window)
@@ -1002,6 +1003,7 @@ def build_request(tables: RawTables | Mapping[str, pl.DataFrame], manifest: Mani
     cand = frame_to_unit(cand, tcol, schema.time.unit, origin)
     sides, side_features = sides_of(schema, spec.table)
     cand = join_frame(cand, origin, sides, side_features, frames, origins) if sides else cand
+    cand = expand_frame(cand, spec, origin)
     validate_exposure_table(cand, schema, spec, origin, labels_required=False)
     if len(cand) == 0:
         raise DataError(f"{origin}: no candidates")

@@ -23,9 +23,24 @@ from collections.abc import Mapping
 
 import polars as pl
 
-from mtfm.config import DataSchema, Feature, SideTable
+from mtfm.config import (
+    CategoricalFeature,
+    DataSchema,
+    Feature,
+    MultiCategoricalFeature,
+    NumericFeature,
+    SideTable,
+    VectorEntryFeature,
+)
 from mtfm.data.raw import RawTables
 from mtfm.data.validate import DataError, check_feature, sequence_tables
+
+
+def _raw_columns(feature: object) -> tuple[str, ...]:
+    """The raw columns a declared feature reads (a vector entry reads its vector and index)."""
+    if isinstance(feature, VectorEntryFeature):
+        return (feature.vector, feature.index)
+    return (feature.name,)  # type: ignore[attr-defined]
 
 
 def _uses(schema: DataSchema) -> dict[str, tuple[list[SideTable], list[Feature]]]:
@@ -34,7 +49,7 @@ def _uses(schema: DataSchema) -> dict[str, tuple[list[SideTable], list[Feature]]
     for spec in schema.scenarios:
         sides = [s for s in (spec.user_table, spec.item_table) if s is not None]
         if sides:
-            out[spec.table] = (sides, [f for g in spec.feature_groups.values() for f in g])
+            out[spec.table] = (sides, [f for g in spec.declared_groups.values() for f in g])
     for table, specs in sequence_tables(schema).items():
         sides = list({s.item_table.table: s.item_table for s in specs if s.item_table is not None}.values())
         if sides:
@@ -78,7 +93,7 @@ def _side_frame(side: SideTable, take: list[str], features: list[Feature], frame
             f"({int(repeated.sum())} rows have repeated keys); a side table needs one row per key"
         )
     for feature in features:
-        if feature.name in take:
+        if feature.name in take and isinstance(feature, (CategoricalFeature, MultiCategoricalFeature, NumericFeature)):
             check_feature(df, feature, side_origin)
     return df.select(side.key, *take)
 
@@ -88,7 +103,7 @@ def join_frame(df: pl.DataFrame, origin: str, sides: list[SideTable], features: 
     """``df`` (one reading table) with the missing feature columns joined from ``sides``."""
     for side in sides:
         side_origin = origins.get(side.table, side.table)
-        missing = [f.name for f in features if f.name not in df.columns]
+        missing = [c for f in features for c in _raw_columns(f) if c not in df.columns]
         if not missing:
             break  # every feature is there already (a request whose candidates carry them)
         if side.table not in frames:
