@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from mtfm.data.validate import DataError
@@ -98,14 +99,16 @@ def _field(loc: tuple | list) -> str:
 
 def validation_message(errors: list[dict]) -> str:
     """One line naming each invalid field and why (at most five)."""
-    parts = [f"{_field(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:5]]
+    parts = [f"body: {e.get('msg')} at character {list(e.get('loc', ()))[-1]}" if e.get("type") == "json_invalid"
+             else f"{_field(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:5]]
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "; ".join(parts) + more
 
 
 class BodyLimit:
-    """ASGI middleware: a body over ``max_bytes`` gets 413 before it is parsed (by its
-    Content-Length, or while it streams in)."""
+    """ASGI middleware: a body over ``max_bytes`` gets 413 before the app parses it, by its
+    Content-Length or, for a streamed (chunked) body, while it is read in: the body is read
+    here, at most ``max_bytes`` of it, and handed to the app whole."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -119,37 +122,34 @@ class BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             await self._too_large(send)
             return
-        seen = 0
-        started = False
-
-        async def counted() -> dict:
-            nonlocal seen
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge
-            return message
-
-        async def tracking_send(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, tracking_send)
-        except _TooLarge:
-            if not started:
+            if message["type"] != "http.request":  # the client went away: nothing to answer
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
                 await self._too_large(send)
+                return
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: wait for a disconnect, as the server would
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
     async def _too_large(self, send: Callable[[dict], Awaitable[None]]) -> None:
         body = f'{{"detail":"body: larger than the limit of {self.max_bytes} bytes"}}'.encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class _CacheCollector:
@@ -205,6 +205,11 @@ def create_app(scorer: Scorer, limits: Limits | None = None) -> FastAPI:
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in err.errors()]
         return JSONResponse({"detail": validation_message(errors), "errors": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        detail = f"body: {err.detail}" if err.status_code == 400 else err.detail  # e.g. bytes that are not UTF-8
+        return JSONResponse({"detail": detail}, status_code=err.status_code, headers=err.headers)
 
     @app.exception_handler(DataError)
     async def bad_data(_: Request, err: DataError) -> JSONResponse:
