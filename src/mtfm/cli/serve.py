@@ -38,14 +38,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-candidates", type=int, default=4096, help="candidates per request (more: 413)")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="request body size (more: 413)")
     p.add_argument("--max-actions", type=int, default=1000, help="actions per append (more: 413)")
+    p.add_argument("--max-inflight", type=int, default=None,
+                   help="requests scored at once, the others queue (default: the number of CPU cores)")
     p.add_argument("--allow-other-data", action="store_true",
                    help="serve although DIR is not the data RUN was trained on")
     p.set_defaults(func=run)
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("port", "micro_batch", "max_candidates", "max_body_bytes", "max_actions"):
+    for name in ("port", "micro_batch", "max_candidates", "max_body_bytes", "max_actions", "max_inflight"):
         value = getattr(args, name)
+        if value is None:
+            continue
         if value < 1 or (name == "port" and value > 65535):
             raise ValueError(f"--{name.replace('_', '-')}: {value} is out of range")
     if args.cache_mb < 0 or args.cache_ttl <= 0:
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from mtfm.serve.server import Limits, create_app
 
     limits = Limits(max_body_bytes=args.max_body_bytes, max_candidates=args.max_candidates,
-                    max_actions=args.max_actions)
+                    max_actions=args.max_actions, **({"max_inflight": args.max_inflight} if args.max_inflight else {}))
     print(f"serving {sorted(scorer.models)} on http://{args.host}:{args.port} (OpenAPI: /openapi.json)", flush=True)
     uvicorn.run(create_app(scorer, limits), host=args.host, port=args.port, log_level="warning")
     return 0

@@ -11,6 +11,8 @@ answered 500 and counted, never allowed to stop the process.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
@@ -45,6 +47,7 @@ class Limits:
     max_candidates: int = 4096
     max_actions: int = 1000
     max_inline_rows: int = 10_000
+    max_inflight: int = max(1, os.cpu_count() or 1)  # requests scored at once; the others wait their turn
 
 
 class _Strict(BaseModel):
@@ -188,6 +191,9 @@ def create_app(scorer: Scorer, limits: Limits | None = None) -> FastAPI:
     registry = CollectorRegistry()
     registry.register(_CacheCollector(scorer))
     requests, latency = _metrics(registry)
+    # Scoring is CPU work that holds the GIL much of the time: more threads at it than cores only
+    # trade throughput for lock hand-offs, so at most max_inflight requests score at once.
+    gate = threading.BoundedSemaphore(limits.max_inflight)
 
     @app.middleware("http")
     async def measure(request: Request, call_next):
@@ -227,8 +233,9 @@ def create_app(scorer: Scorer, limits: Limits | None = None) -> FastAPI:
         for table, rows in (req.behaviour or {}).items():
             if len(rows) > limits.max_inline_rows:
                 return too_many(f"behaviour.{table}", len(rows), limits.max_inline_rows)
-        result = scorer.score(req.scenario, req.user_id, req.candidates, req.user_features, req.behaviour,
-                              req.timestamp)
+        with gate:
+            result = scorer.score(req.scenario, req.user_id, req.candidates, req.user_features, req.behaviour,
+                                  req.timestamp)
         return ScoreResponse(scenario=req.scenario, user_id=req.user_id, model_version=result.model_version,
                              scores=result.scores, prefix_cache=result.prefix_cache)
 
@@ -238,7 +245,8 @@ def create_app(scorer: Scorer, limits: Limits | None = None) -> FastAPI:
     def actions(req: ActionsRequest):
         if len(req.actions) > limits.max_actions:
             return too_many("actions", len(req.actions), limits.max_actions)
-        n = scorer.append_actions(req.table, req.user_id, req.actions)
+        with gate:
+            n = scorer.append_actions(req.table, req.user_id, req.actions)
         return ActionsResponse(appended=n, user_version=scorer.store.user_version(req.user_id))
 
     @app.get("/healthz", response_model=Health)
