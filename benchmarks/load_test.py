@@ -4,7 +4,9 @@ Starts `mtfm serve` as a child process on a free 127.0.0.1 port (its own process
 is measured alone) and sends `POST /v1/score` requests built from real test exposures of the
 prepared data: each request is one user of a pool of ``--users`` (so users repeat and the prefix
 cache can hit), one scenario, ``--candidates`` candidates of that scenario, at the time of one
-of the user's test exposures. Per concurrency level (a fixed share of the time budget) it reports
+of the user's test exposures; before a share of them (``--append-share``) the client appends one
+new action of that user (``POST /v1/actions``, which drops the user's cached prefix). Errors
+count both kinds of request. Per concurrency level (a fixed share of the time budget) it reports
 throughput, p50 / p99 latency and errors, and from the server's /metrics the prefix-cache hit
 rate and the prefix time saved (hits x the mean time of a prefix computation). A last phase
 runs a second server without the cache at concurrency 1 for a measured A/B of the latency the
@@ -69,8 +71,10 @@ def build_run(workdir: Path, users: int, steps: int) -> tuple[Path, Path]:
     return run, data
 
 
-def request_pool(data: Path, store_columns: dict, users: int, candidates: int, seed: int) -> list[dict]:
-    """Request bodies from test exposures: ``users`` users, each with one request per scenario."""
+def request_pool(data: Path, store_columns: dict, users: int, candidates: int, seed: int
+                 ) -> tuple[list[dict], list[tuple[str, dict]]]:
+    """Request bodies from test exposures (``users`` users, each with one request per scenario),
+    and behaviour rows to append as new actions (table, row without user and time)."""
     from mtfm.data.store import read_manifest
     from mtfm.serve.store import reload_source
 
@@ -89,7 +93,21 @@ def request_pool(data: Path, store_columns: dict, users: int, candidates: int, s
             ts = int(test.filter(pl.col(schema.user_column) == user)[schema.time.column][0])
             rows = table.sample(candidates, with_replacement=True, seed=rng.randrange(1 << 30)).select(cols)
             bodies.append({"scenario": spec.name, "user_id": int(user), "timestamp": ts, "candidates": rows.to_dicts()})
-    return bodies
+    actions = []
+    for table, cols in store_columns_behaviour(data).items():
+        sample = raw.tables[table].sample(50, seed=seed).select([c for c in cols if c not in (
+            schema.user_column, schema.time.column)])
+        actions += [(table, row) for row in sample.to_dicts()]
+    return bodies, actions
+
+
+def store_columns_behaviour(data: Path) -> dict[str, list[str]]:
+    from mtfm.data.store import read_manifest
+    from mtfm.data.validate import sequence_tables
+
+    schema = read_manifest(data).schema_obj
+    return {t: [schema.user_column, schema.time.column, *dict.fromkeys(f.name for s in specs for f in s.features)]
+            for t, specs in sequence_tables(schema).items()}
 
 
 def free_port() -> int:
@@ -132,8 +150,11 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
-async def run_level(url: str, bodies: list[dict], concurrency: int, seconds: float, seed: int) -> tuple[list[float], int]:
-    """``concurrency`` clients sending requests back to back for ``seconds``; latencies and errors."""
+async def run_level(url: str, bodies: list[dict], actions: list[tuple[str, dict]], append_share: float,
+                    concurrency: int, seconds: float, seed: int) -> tuple[list[float], int]:
+    """``concurrency`` clients sending requests back to back for ``seconds``; latencies and errors.
+    Before a share ``append_share`` of the scores, the client appends one action of that user
+    just before the request time (the next score sees it; the user's cached prefix is dropped)."""
     latencies: list[float] = []
     errors = 0
     stop = time.monotonic() + seconds
@@ -144,6 +165,15 @@ async def run_level(url: str, bodies: list[dict], concurrency: int, seconds: flo
         local = random.Random(rng.randrange(1 << 30) + client_id)
         while time.monotonic() < stop:
             body = local.choice(bodies)
+            if local.random() < append_share:
+                table, row = local.choice(actions)
+                action = {**row, "ts": body["timestamp"] - 1}
+                try:
+                    r = await http.post("/v1/actions", json={"table": table, "user_id": body["user_id"],
+                                                             "actions": [action]})
+                    errors += r.status_code != 200
+                except httpx.HTTPError:
+                    errors += 1
             t0 = time.perf_counter()
             try:
                 r = await http.post("/v1/score", json=body)
@@ -159,10 +189,11 @@ async def run_level(url: str, bodies: list[dict], concurrency: int, seconds: flo
     return latencies, errors
 
 
-def measure(url: str, bodies: list[dict], concurrency: int, seconds: float, seed: int) -> Level:
+def measure(url: str, bodies: list[dict], actions: list[tuple[str, dict]], append_share: float, concurrency: int,
+            seconds: float, seed: int) -> Level:
     before = scrape(url)
     t0 = time.perf_counter()
-    latencies, errors = asyncio.run(run_level(url, bodies, concurrency, seconds, seed))
+    latencies, errors = asyncio.run(run_level(url, bodies, actions, append_share, concurrency, seconds, seed))
     elapsed = time.perf_counter() - t0
     after = scrape(url)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
@@ -197,6 +228,8 @@ def main() -> None:
     p.add_argument("--users", type=int, default=30, help="users per scenario in the request pool")
     p.add_argument("--candidates", type=int, default=32)
     p.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
+    p.add_argument("--append-share", type=float, default=0.1,
+                   help="share of scores preceded by an appended action of that user (default 0.1)")
     p.add_argument("--budget-s", type=float, default=120.0, help="total time of the load phases")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -207,24 +240,25 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     from mtfm.serve.store import open_or_build_store
 
-    columns = open_or_build_store(data, store).request_columns
-    bodies = request_pool(data, columns, args.users, args.candidates, args.seed)
+    columns = open_or_build_store(data, store, rebuild=True).request_columns  # fresh: no earlier run's appends
+    bodies, actions = request_pool(data, columns, args.users, args.candidates, args.seed)
     share = args.budget_s / (len(args.levels) + 1)  # + the no-cache phase
     proc, url = start_server(run, data, store, cache_mb=256)
     try:
         rss_before = rss_mib(proc.pid)
-        levels = [measure(url, bodies, c, share, args.seed + c) for c in args.levels]
+        levels = [measure(url, bodies, actions, args.append_share, c, share, args.seed + c) for c in args.levels]
         rss_after = rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)
     proc, url = start_server(run, data, store, cache_mb=0)
     try:
-        plain = measure(url, bodies, 1, share, args.seed + 1)
+        plain = measure(url, bodies, actions, args.append_share, 1, share, args.seed + 1)
     finally:
         proc.terminate()
         proc.wait(30)
-    print(f"{len(bodies)} distinct requests ({args.users} users per scenario, {args.candidates} candidates each); "
+    print(f"{len(bodies)} distinct requests ({args.users} users per scenario, {args.candidates} candidates each), "
+          f"{args.append_share:.0%} preceded by an appended action; "
           f"{share:.0f} s per level; torch threads in the server: default; host cores: {os.cpu_count()}")
     print(table(levels, args.candidates))
     print(f"\nserver RSS: {rss_before:.0f} MiB before the first request, {rss_after:.0f} MiB after the last")

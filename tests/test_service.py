@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import httpx
 import polars as pl
@@ -47,6 +48,7 @@ def test_health_openapi_and_a_valid_score(api, served):
     assert health["status"] == "ok" and set(health["scenarios"]) == {"HP", "PHF", "SQS"}
     schema = client.get("/openapi.json").json()
     assert {"/v1/score", "/v1/actions", "/healthz", "/metrics"} <= set(schema["paths"])
+    assert schema["components"]["schemas"]["ScoreRequest"]["properties"]["scenario"]["enum"] == ["HP", "PHF", "SQS"]
     body = _hp_request(served, scorer)
     r = client.post("/v1/score", json=body)
     assert r.status_code == 200, r.text
@@ -171,6 +173,9 @@ def test_fuzzing_the_api_from_its_openapi_schema_gives_no_5xx(api, served):
             assert response.status_code < 500, (case.body, response.text)
 
         fuzz()
+    for name, seen in statuses.items():  # shown with -s: the figures BENCHMARKS.md quotes
+        print(f"fuzz {name}: {len(seen)} requests, statuses {dict(sorted(Counter(seen).items()))}")
+    print(f"fuzz total {time.monotonic() - started:.1f} s")
     assert time.monotonic() - started < 90
     assert sum(len(v) for v in statuses.values()) >= 200
     assert any(s >= 400 for name, v in statuses.items() if "negative" in name for s in v)
@@ -189,6 +194,36 @@ def test_random_json_in_any_field_of_a_valid_request_gives_a_4xx_or_a_score(api,
     body[keys] = payload
     r = client.post("/v1/score", json=body)
     assert r.status_code in (200, 413, 422), r.text
+
+
+def _feature_value(value):
+    """A strategy around one valid feature value: itself, or another value of any JSON type."""
+    other = (st.integers(-(2**70), 2**70) | st.floats(-1e12, 1e12) | st.text(max_size=4) | st.none()
+             | st.lists(st.integers(-5, 300), max_size=3))
+    return st.just(value) | other
+
+
+def test_perturbed_feature_values_user_ids_and_times_give_a_4xx_or_finite_scores(api, served):
+    client, scorer = api
+    statuses: list[int] = []
+
+    @settings(max_examples=40, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def perturb(data) -> None:
+        body = _hp_request(served, scorer, n=2)
+        body["candidates"] = [{k: data.draw(_feature_value(v), label=k) for k, v in c.items()}
+                              for c in body["candidates"]]
+        body["user_id"] = data.draw(st.integers(-3, 10**6) | st.just(body["user_id"]), label="user_id")
+        body["timestamp"] = data.draw(st.integers(0, 1 << 62) | st.none() | st.just(body["timestamp"]), label="ts")
+        r = client.post("/v1/score", json=body)
+        statuses.append(r.status_code)
+        assert r.status_code in (200, 422), r.text
+        if r.status_code == 200:
+            assert all(0.0 <= p <= 1.0 for v in r.json()["scores"].values() for p in v)
+
+    perturb()
+    assert 200 in statuses and 422 in statuses, Counter(statuses)  # both the deep path and refusals ran
 
 
 def _free_port() -> int:

@@ -258,8 +258,23 @@ def create_app(scorer: Scorer, limits: Limits | None = None) -> FastAPI:
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
+    app.openapi = lambda: _openapi_with_names(app, scorer)  # type: ignore[method-assign]
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     return app
+
+
+def _openapi_with_names(app: FastAPI, scorer: Scorer) -> dict:
+    """The OpenAPI schema with this run's scenario and behaviour table names as enums, so that
+    clients (and the fuzzer) see which names are valid."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        props = schema["components"]["schemas"]
+        props["ScoreRequest"]["properties"]["scenario"]["enum"] = scorer.scenarios
+        props["ActionsRequest"]["properties"]["table"]["enum"] = scorer.store.tables
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 @contextmanager
