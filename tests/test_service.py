@@ -4,7 +4,6 @@ command, and a property-based fuzz of the API from its own OpenAPI schema (schem
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -82,6 +81,8 @@ def test_health_openapi_and_a_valid_score(api, served):
     (lambda b: b.update(user_features={"nope": 1}), 422, "user_features"),
     (lambda b: b.update(behaviour={"clicks": [{"ts": 1}]}), 422, "behaviour.clicks[0]"),
     (lambda b: b.update(behaviour={"nope": []}), 422, "behaviour: unknown table"),
+    (lambda b: b.update(behaviour={"clicks": [{"ts": 5, "scenario": 1, "item_id": 1, "cuisine": 99,
+                                               "price_bucket": 1}]}), 422, "behaviour.clicks: "),
     (lambda b: b.update(timestamp=-1), 422, "timestamp"),
     (lambda b: b.update(candidates=b["candidates"] * 20), 413, "candidates: 60 items, the limit is 50"),
 ])
@@ -256,4 +257,3 @@ def test_the_serve_command_binds_loopback_and_serves(served):
     bad = subprocess.run([sys.executable, "-m", "mtfm", "serve", "--run", str(served.run), "--port", "0"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "--port" in bad.stderr
-    json.dumps(health.json())

@@ -165,8 +165,19 @@ class Scorer:
             other = frame[ucol] != user
             if other.any():
                 raise DataError(f"behaviour.{table}[{int(other.arg_max())}].{ucol}: a row of another user")
+            self._validate_rows(frame, table, f"behaviour.{table}")
             out[table] = frame
         return out
+
+    def _validate_rows(self, frame: pl.DataFrame, table: str, where: str) -> None:
+        """The training data's checks of a behaviour table (ids in range, timestamps...), for
+        rows a request brings; the message is prefixed with the request field."""
+        from mtfm.data.validate import validate_sequence_table
+
+        try:
+            validate_sequence_table(frame, self.schema, sequence_tables(self.schema)[table], where)
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
 
     def score(self, scenario: str, user: int, candidates: Sequence[Mapping[str, Any]],
               user_features: Mapping[str, Any] | None = None,
@@ -207,8 +218,6 @@ class Scorer:
 
     def append_actions(self, table: str, user: int, actions: Sequence[Mapping[str, Any]]) -> int:
         """Validate and append one user's new actions to ``table``; drop the user's cached prefixes."""
-        from mtfm.data.validate import validate_sequence_table
-
         if table not in self.store.columns:
             raise DataError(f"table: unknown behaviour table {table!r}; the store has {self.store.tables}")
         ucol = self.store.user_column
@@ -217,10 +226,7 @@ class Scorer:
         other = frame[ucol] != user
         if other.any():
             raise DataError(f"actions[{int(other.arg_max())}].{ucol}: an action of another user")
-        try:
-            validate_sequence_table(frame, self.schema, sequence_tables(self.schema)[table], "actions")
-        except DataError as err:
-            raise DataError(f"actions: {err}") from None
+        self._validate_rows(frame, table, "actions")
         n = self.store.append(table, frame)
         if self.cache is not None:
             for sm in self.models.values():
