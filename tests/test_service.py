@@ -257,3 +257,9 @@ def test_the_serve_command_binds_loopback_and_serves(served):
     bad = subprocess.run([sys.executable, "-m", "mtfm", "serve", "--run", str(served.run), "--port", "0"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "--port" in bad.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = subprocess.run([sys.executable, "-m", "mtfm", "serve", "--run", str(served.run), "--port",
+                               str(taken.getsockname()[1])], capture_output=True, text=True, env=env)
+    assert busy.returncode == 2 and "cannot listen there" in busy.stderr, busy.stderr

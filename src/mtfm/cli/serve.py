@@ -56,6 +56,19 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--cache-mb must be >= 0 and --cache-ttl > 0 (got {args.cache_mb}, {args.cache_ttl})")
 
 
+def _check_bindable(host: str, port: int) -> None:
+    """Fail before the models load when the address cannot be bound (in use, not this machine's)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(infos[0][4])
+    except OSError as err:
+        raise ValueError(f"--host/--port {host}:{port}: cannot listen there ({err.strerror or err})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from mtfm.serve.scoring import make_scorer, run_data_dir
     from mtfm.serve.store import open_or_build_store
@@ -67,11 +80,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"behaviour store {store_path}: tables {store.tables}")
     if args.build_store:
         return 0
+    try:
+        import fastapi  # noqa: F401 -- the serve extra, checked before the models load
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        raise ValueError(f"mtfm serve needs the serve extra ({err.name} is missing): pip install 'mtfm[serve]'") from None
+    _check_bindable(args.host, args.port)
     scorer = make_scorer(args.run, data, store, checkpoint=args.checkpoint, cache_bytes=int(args.cache_mb * 2**20),
                          cache_ttl_s=args.cache_ttl, micro_batch=args.micro_batch,
                          allow_other_data=args.allow_other_data)
-    import uvicorn
-
     from mtfm.serve.server import Limits, create_app
 
     limits = Limits(max_body_bytes=args.max_body_bytes, max_candidates=args.max_candidates,
