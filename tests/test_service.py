@@ -263,3 +263,37 @@ def test_the_serve_command_binds_loopback_and_serves(served):
         busy = subprocess.run([sys.executable, "-m", "mtfm", "serve", "--run", str(served.run), "--port",
                                str(taken.getsockname()[1])], capture_output=True, text=True, env=env)
     assert busy.returncode == 2 and "cannot listen there" in busy.stderr, busy.stderr
+
+
+def test_concurrent_appends_and_scores_keep_every_row_and_an_intact_store(api, served):
+    import sqlite3
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, scorer = api
+    path = scorer.store.path
+    with sqlite3.connect(path) as conn:
+        before = conn.execute('SELECT count(*) FROM "b:clicks"').fetchone()[0]
+    users = [20, 21, 22, 23]
+    body = {u: _hp_request(served, scorer, user=u, n=2) for u in users}
+
+    def work(i: int) -> list[int]:
+        u = users[i % len(users)]
+        click = {"ts": body[u]["timestamp"] - 1 - i, "scenario": 0, "item_id": 1000 + i, "cuisine": i % 12,
+                 "price_bucket": i % 4}
+        a = client.post("/v1/actions", json={"table": "clicks", "user_id": u, "actions": [click]})
+        s = client.post("/v1/score", json=body[u])
+        return [a.status_code, s.status_code]
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = [s for pair in pool.map(work, range(40)) for s in pair]
+    assert set(statuses) == {200}
+    with sqlite3.connect(path) as conn:
+        assert conn.execute('SELECT count(*) FROM "b:clicks"').fetchone()[0] == before + 40
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert [scorer.store.user_version(u) for u in users] == [10, 10, 10, 10]
+    # the last score of each user saw all of its appends: it equals a fresh score without the cache
+    for u in users:
+        cached = client.post("/v1/score", json=body[u]).json()
+        fresh = scorer.score("HP", u, body[u]["candidates"], timestamp=body[u]["timestamp"],
+                             behaviour={t: f.to_dicts() for t, f in scorer.store.user_rows(u).items()})
+        assert cached["scores"]["ctr"] == pytest.approx(fresh.scores["ctr"], abs=1e-5)
