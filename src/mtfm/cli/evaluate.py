@@ -26,6 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", metavar="RUN", default=None,
                    help="another run (e.g. --arch logistic) to show beside, with the share of its gap to the oracle closed")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: score under bf16 autocast (inference option; see BENCHMARKS.md for its AUC/GAUC delta)")
     p.add_argument("--allow-other-data", action="store_true",
                    help="score although DIR is not the data RUN was trained on (its manifest fingerprint differs); "
                         "refused without this flag")
@@ -36,8 +38,10 @@ def run(args: argparse.Namespace) -> int:
     from mtfm.train.evaluate import evaluate_run, format_table
 
     metrics, chosen = evaluate_run(args.run, args.data, args.split, checkpoint=args.checkpoint,
-                                   batch_size=args.batch_size, allow_other_data=args.allow_other_data)
-    out = Path(args.run) / f"eval_{args.split}.json"
+                                   batch_size=args.batch_size, allow_other_data=args.allow_other_data,
+                                   precision=args.precision)
+    suffix = "" if args.precision == "fp32" else f"_{args.precision}"  # the fp32 reference is not overwritten
+    out = Path(args.run) / f"eval_{args.split}{suffix}.json"
     write_json(out, metrics)
     baseline = None
     if args.baseline is not None:

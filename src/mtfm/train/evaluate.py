@@ -273,13 +273,17 @@ def evaluate_run(
     batch_size: int = 256,
     device: str = "cpu",
     allow_other_data: bool = False,
+    precision: str = "fp32",
 ) -> tuple[Metrics, dict[str, Path]]:
     """Metrics of a trained run on ``split`` of ``data_dir``; also which checkpoint scored each scenario.
 
     Only the scenarios the model was trained on are read; the data's schema for them must be
     the one the model was built from (else the ids would mean other things), and the data
     itself the run's (its fingerprint, :mod:`mtfm.train.rundata`) unless ``allow_other_data``.
+    ``precision`` ``bf16`` scores under bf16 autocast (the inference option; fp32 is the reference).
     """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
     from mtfm.train.distributed import choose_device
     from mtfm.train.models import model_from_checkpoint
     from mtfm.train.rundata import check_checkpoint_data
@@ -296,5 +300,6 @@ def evaluate_run(
         model, _, _ = model_from_checkpoint(ckpt)
         loader = checkpoint_loader(ckpt, data_dir, split, names, batch_size)
         tasks = {s.name: s.task_names for s in loader.schema.scenarios}
-        metrics.update(compute_metrics(predict(model.to(dev), loader.iterate(0), dev, tasks), tasks))
+        preds = predict(model.to(dev), loader.iterate(0), dev, tasks, bf16=precision == "bf16")
+        metrics.update(compute_metrics(preds, tasks))
     return {s: metrics[s] for s in chosen}, chosen
