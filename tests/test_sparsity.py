@@ -92,3 +92,25 @@ def test_semi_structured_projections_match_the_dense_pruned_ones_on_cuda():
         x = torch.randn(64, linear.in_features, device="cuda", dtype=torch.bfloat16)
         w, b = dense[name]
         torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, w, b), rtol=2e-2, atol=2e-2)
+
+
+def test_evaluate_precision_bf16_writes_its_own_file_close_to_fp32(tmp_path_factory):
+    """``mtfm evaluate --precision bf16`` on a tiny trained run: its own JSON beside the fp32
+    one (which it must leave as it was), with loglosses within bf16 rounding of fp32's (not
+    AUCs: a two-step model's scores are near-ties, which bf16 rounding reorders)."""
+    import json
+
+    from safety_helpers import make_synthetic, train_args
+
+    from mtfm.cli import main
+
+    one, _, model = make_synthetic(tmp_path_factory)
+    run = tmp_path_factory.mktemp("bf16") / "run"
+    assert main(train_args(one, run, model, "--max-steps", "2")) == 0
+    assert main(["evaluate", "--run", str(run), "--data", str(one), "--split", "valid"]) == 0
+    before = (run / "eval_valid.json").read_text()
+    assert main(["evaluate", "--run", str(run), "--data", str(one), "--split", "valid", "--precision", "bf16"]) == 0
+    assert (run / "eval_valid.json").read_text() == before
+    fp32, bf16 = json.loads(before), json.loads((run / "eval_valid_bf16.json").read_text())
+    pairs = [(fp32[s][t]["logloss"], bf16[s][t]["logloss"]) for s in fp32 for t in fp32[s]]
+    assert pairs and all(a != b and b == pytest.approx(a, rel=2e-2) for a, b in pairs), pairs
