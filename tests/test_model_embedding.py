@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import torch
 
+from mtfm.config import schema_from_dict
 from mtfm.data.batch import FeatureTensors
 from mtfm.model import MTFM
 from mtfm.model.testing import tiny_config, tiny_schema
 
 
-def test_same_named_id_features_share_one_table_unless_switched_off():
-    schema = tiny_schema()
-    shared = MTFM(schema, tiny_config()).embeddings
-    keys = {shared.table_of[(f, "item_id")] for f in ("H:orders", "H:clicks", "R:recent", "T:feed:item", "T:food:item")}
-    assert len(keys) == 1
-    # 'tags' in R:recent and T:feed:item have the same encoding and width: shared as well.
-    assert shared.table_of[("R:recent", "tags")] == shared.table_of[("T:feed:item", "tags")]
-    separate = MTFM(schema, tiny_config(share_embeddings_by_name=False)).embeddings
-    keys = {separate.table_of[(f, "item_id")] for f in ("H:orders", "H:clicks", "R:recent", "T:feed:item", "T:food:item")}
-    assert len(keys) == 5
+def test_declared_share_names_give_one_table_and_undeclared_features_their_own():
+    schema = tiny_schema()  # item_id and tags declare share; shop, age, dish_type, vip, brand do not
+    emb = MTFM(schema, tiny_config()).embeddings
+    keys = {emb.table_of[(f, "item_id")] for f in ("H:orders", "H:clicks", "R:recent", "T:feed:item", "T:food:item")}
+    assert keys == {"item_id"}
+    assert emb.table_of[("R:recent", "tags")] == emb.table_of[("T:feed:item", "tags")] == "tags"
+    assert emb.table_of[("T:coupon:item", "brand")] == "T_coupon_item__brand"
+    assert len(emb.tables) == 2 + 5
+    raw = schema.model_dump(mode="json")
+    for seq in raw["history"] + raw["realtime"]:
+        for f in seq["features"]:
+            f.pop("share", None)
+    unshared = MTFM(schema_from_dict(raw), tiny_config()).embeddings
+    keys = {unshared.table_of[(f, "item_id")] for f in ("H:orders", "H:clicks", "R:recent", "T:feed:item", "T:food:item")}
+    assert len(keys) == 4  # the scenarios' item_id still declare 'item_id'; each sequence's is its own
 
 
 def test_multi_valued_features_are_mean_pooled_and_empty_lists_give_zeros():

@@ -50,13 +50,29 @@ class _IdEncoding(_Strict):
     * ``num_embeddings``: the column already holds integer ids in ``[0, num_embeddings)``;
       a value outside that range is an error (never silently clipped).
     * ``vocabulary``: explicit list of raw values; id = position + 1, id 0 = out of vocabulary.
+      ``vocabulary: train`` asks ``mtfm prepare`` to build that list from the train split's
+      values (most frequent first, ties by value; ``vocabulary_min_count`` /
+      ``vocabulary_max_size`` prune it) and to write it into the prepared data's schema, so
+      training, evaluation and serving read the same list (:mod:`mtfm.data.vocab`).
     * ``hash_buckets``: any value is hashed into ``[0, hash_buckets)``.
+
+    ``share``: features declaring the same share name read one embedding table (their encodings
+    must then agree); a feature without ``share`` gets a table of its own (:mod:`mtfm.sharing`).
     """
 
     num_embeddings: int | None = Field(default=None, gt=0)
-    vocabulary: list[str | int] | None = None
+    vocabulary: list[str | int] | Literal["train"] | None = None
+    vocabulary_min_count: int | None = Field(
+        default=None, ge=1, description="vocabulary: train only: values seen fewer times in train are OOV (default 1)"
+    )
+    vocabulary_max_size: int | None = Field(
+        default=None, gt=0, description="vocabulary: train only: keep at most this many values, the most frequent"
+    )
     hash_buckets: int | None = Field(default=None, gt=0)
     embedding_dim: int | None = Field(default=None, gt=0, description="None: the model default")
+    share: str | None = Field(
+        default=None, min_length=1, description="share name: features with the same one read one embedding table"
+    )
 
     @model_validator(mode="after")
     def _exactly_one_encoding(self) -> "_IdEncoding":
@@ -66,22 +82,41 @@ class _IdEncoding(_Strict):
                 "exactly one of num_embeddings, vocabulary, hash_buckets must be set "
                 f"(got {given or 'none'})"
             )
-        if self.vocabulary is not None:
+        if isinstance(self.vocabulary, list):
             if len(self.vocabulary) == 0:
                 raise ValueError("vocabulary must not be empty")
             if len(set(map(str, self.vocabulary))) != len(self.vocabulary):
                 raise ValueError("vocabulary has duplicate values")
+        pruning = [k for k in ("vocabulary_min_count", "vocabulary_max_size") if getattr(self, k) is not None]
+        if pruning and self.vocabulary != "train":
+            raise ValueError(f"{' and '.join(pruning)} only apply to 'vocabulary: train'")
         return self
+
+    @property
+    def train_vocabulary(self) -> bool:
+        """True while the vocabulary is still to be built from the train split (``vocabulary: train``)."""
+        return self.vocabulary == "train"
 
     @property
     def cardinality(self) -> int:
         """Number of embedding rows the encoded ids need."""
         if self.num_embeddings is not None:
             return self.num_embeddings
+        if self.vocabulary == "train":
+            raise SchemaError(
+                f"feature {getattr(self, 'name', '?')!r}: 'vocabulary: train' is built by mtfm prepare; "
+                "use the prepared data's schema (manifest.json), which holds the built vocabulary"
+            )
         if self.vocabulary is not None:
             return len(self.vocabulary) + 1
         assert self.hash_buckets is not None
         return self.hash_buckets
+
+    def encoding_key(self) -> dict[str, object]:
+        """What two features sharing one table must agree on (see :meth:`DataSchema._shares_agree`)."""
+        return {"num_embeddings": self.num_embeddings, "vocabulary": self.vocabulary,
+                "vocabulary_min_count": self.vocabulary_min_count, "vocabulary_max_size": self.vocabulary_max_size,
+                "hash_buckets": self.hash_buckets, "embedding_dim": self.embedding_dim}
 
 
 class CategoricalFeature(_IdEncoding):
@@ -396,6 +431,29 @@ class DataSchema(_Strict):
             raise ValueError(f"history[{capped[0]}].max_in_window: only real-time sequences store in-window actions")
         return self
 
+    @model_validator(mode="after")
+    def _shares_agree(self) -> "DataSchema":
+        """Features declaring one ``share`` name read one table: their encodings must agree."""
+        first: dict[str, tuple[str, _IdEncoding]] = {}
+        for path, _, feat in self.id_features():
+            if feat.share is None:
+                continue
+            if feat.share not in first:
+                first[feat.share] = (path, feat)
+                continue
+            path0, feat0 = first[feat.share]
+            a, b = feat0.encoding_key(), feat.encoding_key()
+            diff = [k for k in a if a[k] != b[k]]
+            if diff:
+                def show(v: object) -> str:
+                    return f"a list of {len(v)} values" if isinstance(v, list) and len(v) > 8 else repr(v)
+                what = "; ".join(f"{k} {show(a[k])} vs {show(b[k])}" for k in diff)
+                raise ValueError(
+                    f"share {feat.share!r}: {path0} and {path} read one embedding table but differ in {what}; "
+                    "give them the same encoding, or different share names"
+                )
+        return self
+
     # ---- helpers used by every stage ------------------------------------------------------
 
     @property
@@ -409,6 +467,22 @@ class DataSchema(_Strict):
             for side in (getattr(spec, "user_table", None), spec.item_table):
                 if side is not None:
                     out.setdefault(side.table, []).append(side)
+        return out
+
+    def id_features(self) -> list[tuple[str, str, "CategoricalFeature | MultiCategoricalFeature"]]:
+        """Every categorical and multi-categorical feature as (schema path, model field, feature),
+        in model order: history types, real-time types, then each scenario's user, cross, item
+        features. The path names it in the YAML (``scenarios[HP].item_features[item_id]``); the
+        field is the model's (``H:clicks``, ``T:HP:item``; :mod:`mtfm.model.embedding`)."""
+        out: list[tuple[str, str, CategoricalFeature | MultiCategoricalFeature]] = []
+        for kind, field, specs in (("history", "H", self.history), ("realtime", "R", self.realtime)):
+            for seq in specs:
+                out += [(f"{kind}[{seq.name}].features[{f.name}]", f"{field}:{seq.name}", f) for f in seq.features
+                        if isinstance(f, (CategoricalFeature, MultiCategoricalFeature))]
+        for sc in self.scenarios:
+            for part, features in sc.declared_groups.items():
+                out += [(f"scenarios[{sc.name}].{part}_features[{f.name}]", f"T:{sc.name}:{part}", f) for f in features
+                        if isinstance(f, (CategoricalFeature, MultiCategoricalFeature))]
         return out
 
     def scenario(self, name: str) -> ScenarioSpec:

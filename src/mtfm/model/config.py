@@ -112,11 +112,6 @@ class ModelConfig(BaseModel):
     # ---- embeddings and tokenizers -----------------------------------------------------------
     embedding_dim: int = Field(default=16, gt=0, description="embedding width of features that do not set one")
     numeric_dim: int = Field(default=4, gt=0, description="width of each numeric feature's encoder")
-    share_embeddings_by_name: bool = Field(
-        default=True,
-        description="features with the same name and the same id encoding (e.g. item_id in a history "
-        "sequence and in a scenario's item features) share one embedding table",
-    )
     tokenizer_hidden: list[int] = Field(default_factory=lambda: [128], description="hidden widths of each tokenizer MLP")
 
     # ---- MMoE head ---------------------------------------------------------------------------
@@ -135,6 +130,17 @@ class ModelConfig(BaseModel):
         description="exposure: every labelled exposure weighs the same whatever its scenario (summed BCE / the "
         "batch's exposures); task_mean: every (scenario, task) adds its mean BCE. See mtfm.model.loss",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_options(cls, data: object) -> object:
+        if isinstance(data, dict) and "share_embeddings_by_name" in data:
+            raise ValueError(
+                "share_embeddings_by_name was removed: embedding sharing is declared per feature in the data "
+                "schema ('share: NAME' on the categorical features that should read one table; see README, "
+                "'Embedding sharing'); delete this key"
+            )
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":

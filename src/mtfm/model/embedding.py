@@ -6,10 +6,11 @@ owner (checkpoints stay free of aliased tensors and a sharded collection such as
 
 A *field* is one place features come from: a history type (``H:<name>``), a real-time type
 (``R:<name>``) or one part of a scenario (``T:<scenario>:user|cross|item``). Features map to
-tables; with ``share_embeddings_by_name`` two features with the same name and the same id
-encoding (same ids space and width, e.g. ``item_id`` in a history sequence and in a scenario's
-item features) read the same table, so a target item and the same item in the history start
-from one vector. Numeric features (normalised at prepare time) each get a small linear encoder.
+tables as the schema declares (:mod:`mtfm.sharing`): features with the same ``share`` name read
+one table (e.g. ``item_id`` in a history sequence and in a scenario's item features, so a target
+item and the same item in the history start from one vector), named after the share name; a
+feature without ``share`` has its own table, named ``<field>__<feature>``. Numeric features
+(normalised at prepare time) each get a small linear encoder.
 
 Bad ids are never clipped: an id outside ``[0, cardinality)`` is an error naming the field,
 feature and row.
@@ -32,11 +33,6 @@ def module_key(*parts: str) -> str:
     return "__".join(re.sub(r"[^A-Za-z0-9_]", "_", p) for p in parts)
 
 
-def _encoding(feature: CategoricalFeature | MultiCategoricalFeature, dim: int) -> tuple:
-    vocab = tuple(map(str, feature.vocabulary)) if feature.vocabulary is not None else None
-    return (feature.num_embeddings, vocab, feature.hash_buckets, dim)
-
-
 def describe_field(field: str) -> str:
     """``T:HP:item`` -> ``scenario 'HP' item features`` (for error messages)."""
     kind, _, rest = field.partition(":")
@@ -51,7 +47,7 @@ def describe_field(field: str) -> str:
 class FeatureEmbeddings(nn.Module):
     """All embedding tables and numeric encoders of a model, addressed by field."""
 
-    def __init__(self, fields: dict[str, list[Feature]], embedding_dim: int, numeric_dim: int, share_by_name: bool) -> None:
+    def __init__(self, fields: dict[str, list[Feature]], embedding_dim: int, numeric_dim: int) -> None:
         super().__init__()
         empty = [f for f, features in fields.items() if not features]
         if empty:
@@ -61,24 +57,30 @@ class FeatureEmbeddings(nn.Module):
         self.tables = nn.ModuleDict()
         self.numeric = nn.ModuleDict()
         self.table_of: dict[tuple[str, str], str] = {}
-        by_encoding: dict[tuple, str] = {}
+        by_share: dict[str, tuple[str, int, int]] = {}  # share name -> (table key, rows, width)
         for field, features in self.fields.items():
             for feat in features:
                 if isinstance(feat, NumericFeature):
                     self.numeric[module_key(field, feat.name)] = nn.Linear(1, numeric_dim)
                     continue
                 dim = feat.embedding_dim or embedding_dim
-                share = (feat.name, _encoding(feat, dim))
-                if share_by_name and share in by_encoding:
-                    self.table_of[(field, feat.name)] = by_encoding[share]
+                if feat.share is not None and feat.share in by_share:
+                    key, rows, width = by_share[feat.share]
+                    if (rows, width) != (feat.cardinality, dim):  # the schema validates this; fields built by hand
+                        raise ValueError(
+                            f"{describe_field(field)}: feature {feat.name!r} declares share {feat.share!r} with "
+                            f"{feat.cardinality} rows x {dim}, but the table has {rows} x {width}"
+                        )
+                    self.table_of[(field, feat.name)] = key
                     continue
-                key = module_key(feat.name) if share_by_name else module_key(field, feat.name)
-                while key in self.tables:  # same name, different encoding: a table of its own
+                key = module_key(feat.share) if feat.share is not None else module_key(field, feat.name)
+                while key in self.tables or hasattr(self.tables, key):  # taken, or a ModuleDict attribute ("items")
                     key += "_"
                 self.tables[key] = nn.Embedding(feat.cardinality, dim)
                 nn.init.normal_(self.tables[key].weight, std=0.05)
                 self.table_of[(field, feat.name)] = key
-                by_encoding[share] = key
+                if feat.share is not None:
+                    by_share[feat.share] = (key, feat.cardinality, dim)
 
     def out_dim(self, field: str) -> int:
         """Width of ``embed(field, ...)``: the concatenation of the field's feature vectors."""

@@ -208,7 +208,7 @@ class MTFM(MTFMBase):
 
     def __init__(self, schema: DataSchema, config: ModelConfig) -> None:
         fields = _fields(schema)
-        embeddings = FeatureEmbeddings(fields, config.embedding_dim, config.numeric_dim, config.share_embeddings_by_name)
+        embeddings = FeatureEmbeddings(fields, config.embedding_dim, config.numeric_dim)
 
         def tokenizer(in_dim: int) -> MLP:
             return MLP(in_dim, config.tokenizer_hidden, config.d_model, config.dropout)

@@ -48,8 +48,10 @@ def tiny_config(**overrides: object) -> ModelConfig:
 
 
 def tiny_schema() -> DataSchema:
-    """A three-scenario schema with distinct feature lists per scenario (alignment-free)."""
-    item = {"name": "item_id", "kind": "categorical", "num_embeddings": 50}
+    """A three-scenario schema with distinct feature lists per scenario (alignment-free); ``item_id``
+    and ``tags`` declare one shared table each (the sequences' and the scenarios')."""
+    item = {"name": "item_id", "kind": "categorical", "num_embeddings": 50, "share": "item_id"}
+    tags = {"name": "tags", "kind": "multi_categorical", "num_embeddings": 7, "max_len": 3, "share": "tags"}
     return schema_from_dict(
         {
             "window": 100,
@@ -62,13 +64,13 @@ def tiny_schema() -> DataSchema:
             ],
             "realtime": [
                 {"name": "recent", "table": "recent", "max_len": 2,  # below BatchShape.realtime: views differ per token
-                 "features": [item, {"name": "tags", "kind": "multi_categorical", "num_embeddings": 7, "max_len": 3}]},
+                 "features": [item, tags]},
             ],
             "scenarios": [
                 {"name": "feed", "table": "feed",
                  "user_features": [{"name": "age", "kind": "categorical", "vocabulary": ["a", "b", "c"]}],
                  "cross_features": [{"name": "distance", "kind": "numeric"}],
-                 "item_features": [item, {"name": "tags", "kind": "multi_categorical", "num_embeddings": 7, "max_len": 3}],
+                 "item_features": [item, tags],
                  "tasks": [{"name": "ctr", "labels": ["click"]}, {"name": "ctcvr", "labels": ["click", "order"]}]},
                 {"name": "food", "table": "food",
                  "item_features": [item, {"name": "dish_type", "kind": "categorical", "num_embeddings": 5, "embedding_dim": 4},

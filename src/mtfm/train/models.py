@@ -2,7 +2,10 @@
 
 A run's config records ``arch`` (``mtfm`` or a baseline), the model config as a plain dict
 and the (possibly restricted) data schema, so ``mtfm evaluate`` can rebuild the exact model
-without the command line that trained it.
+without the command line that trained it. Checkpoints from before explicit embedding sharing
+(their model config holds ``share_embeddings_by_name``) are rebuilt with the sharing that flag
+implied, declared in their schema (:func:`mtfm.sharing.upgrade_legacy_model_config`), so their
+weights load unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ def build_model(arch: str, model_config: dict, schema: DataSchema) -> nn.Module:
     if arch == "mtfm":
         from mtfm.model.config import model_config_from_dict
         from mtfm.model.mtfm import MTFM
+        from mtfm.sharing import upgrade_legacy_model_config
 
+        model_config, schema = upgrade_legacy_model_config(model_config, schema)
         return MTFM(schema, model_config_from_dict(model_config, "model config"))
     if arch == "logistic":
         from mtfm.baselines.logistic import LogisticConfig, LogisticRegression

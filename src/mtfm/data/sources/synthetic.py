@@ -187,12 +187,12 @@ class SyntheticConfig(BaseModel):
 # --------------------------------------------------------------------------------------------
 
 
-def _cat(name: str, n: int) -> CategoricalFeature:
-    return CategoricalFeature(name=name, num_embeddings=n)
+def _cat(name: str, n: int, share: str | None = None) -> CategoricalFeature:
+    return CategoricalFeature(name=name, num_embeddings=n, share=share)
 
 
-def _hashed(name: str, buckets: int) -> CategoricalFeature:
-    return CategoricalFeature(name=name, hash_buckets=buckets)
+def _hashed(name: str, buckets: int, share: str | None = None) -> CategoricalFeature:
+    return CategoricalFeature(name=name, hash_buckets=buckets, share=share)
 
 
 def _num(name: str, normalization: str) -> NumericFeature:
@@ -211,42 +211,52 @@ def _tasks(d: ScenarioDef) -> list[TaskSpec]:
 
 
 def _scenario_features(d: ScenarioDef) -> tuple[list[Feature], list[Feature]]:
-    """(user features, item features) of one scenario; deliberately different per kind."""
+    """(user features, item features) of one scenario; deliberately different per kind.
+
+    Embedding sharing (``share:``): ``cuisine`` is one table for every scenario and sequence,
+    ``restaurant_id`` one for HP and PHF (the same restaurants), a generic scenario's ``item_id``
+    one for all generic scenarios (global raw ids, hashed alike); every other feature, ``style``
+    included (each generic scenario has its own styles), has its own table."""
     p = d.prefix
     if d.kind == "restaurant":
         user = [_cat(f"{p}_member_level", 5), _num(f"{p}_orders_7d", "log1p")]
         item = [
-            _hashed("restaurant_id", 20_000), _cat("cuisine", NUM_CUISINES), _cat("price_level", NUM_PRICE_BUCKETS),
+            _hashed("restaurant_id", 20_000, "restaurant_id"), _cuisine(), _cat("price_level", NUM_PRICE_BUCKETS),
             _cat("distance_bucket", NUM_DISTANCE_BUCKETS), _num("rating", "standard"),
             _num("monthly_sales", "log1p"), _num("delivery_minutes", "standard"),
         ]
     elif d.kind == "dish":
         user = [_cat(f"{p}_age_group", 6), _num(f"{p}_days_since_order", "log1p")]
         item = [
-            _hashed("dish_id", 50_000), _hashed("restaurant_id", 20_000), _cat("cuisine", NUM_CUISINES),
+            _hashed("dish_id", 50_000), _hashed("restaurant_id", 20_000, "restaurant_id"), _cuisine(),
             _cat("dish_type", NUM_DISH_TYPES), _num("price", "log1p"),
             MultiCategoricalFeature(name="dish_tags", num_embeddings=NUM_DISH_TAGS, max_len=MAX_DISH_TAGS),
         ]
     elif d.kind == "coupon":
         user = [_cat(f"{p}_coupon_user", 2), _cat(f"{p}_price_tier", 3)]
         item = [
-            _hashed("package_id", 4_000), _cat("brand", NUM_BRANDS), _cat("cuisine", NUM_CUISINES),
+            _hashed("package_id", 4_000), _cat("brand", NUM_BRANDS), _cuisine(),
             _num("discount", "standard"), CategoricalFeature(name="validity_days", vocabulary=list(VALIDITY_DAYS)),
             _num("package_price", "log1p"),
         ]
     else:
         user = [_cat(f"{p}_segment", 4)]
         item = [
-            _hashed("item_id", 20_000), _cat("cuisine", NUM_CUISINES), _cat("style", _num_styles(d.index)),
+            _hashed("item_id", 20_000, "generic_item_id"), _cuisine(), _cat("style", _num_styles(d.index)),
             _num("price", "log1p"), _num("score", "standard"),
         ]
     return user, item
 
 
+def _cuisine() -> CategoricalFeature:
+    return _cat("cuisine", NUM_CUISINES, "cuisine")
+
+
 def _behaviour_features(num_scenarios: int, with_amount: bool) -> list[Feature]:
+    """Features of the behaviour sequences; the three sequence types share their tables."""
     feats: list[Feature] = [
-        _cat("scenario", num_scenarios + 1), _hashed("item_id", 100_000),
-        _cat("cuisine", NUM_CUISINES), _cat("price_bucket", NUM_PRICE_BUCKETS),
+        _cat("scenario", num_scenarios + 1, "scenario"), _hashed("item_id", 100_000, "item_id"),
+        _cuisine(), _cat("price_bucket", NUM_PRICE_BUCKETS, "price_bucket"),
     ]
     if with_amount:
         feats.append(_num("amount", "log1p"))
