@@ -63,8 +63,12 @@ def test_resume_after_an_interruption_mid_epoch_is_bit_identical(tmp_path, stop_
     resumed = _run(tmp_path / "cut", cfg, resume=True, init_seed=99)  # other init: weights must come from disk
     _assert_same_run(full, resumed)
     with open(tmp_path / "cut" / "train_log.csv") as f:
-        steps = [int(r["step"]) for r in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    steps = [int(r["step"]) for r in rows if not r["select"]]  # training rows (epoch-end rows carry the selection)
     assert steps == sorted(set(steps))  # the replayed steps are not logged twice
+    ends = [r for r in rows if r["select"]]
+    assert [int(r["step"]) for r in ends] == [h["step"] for h in full.state.history]  # one per epoch, not twice
+    assert [float(r["valid_score"]) for r in ends] == pytest.approx([h["selection_score"] for h in full.state.history])
 
 
 def test_a_max_steps_stop_then_resume_equals_an_uninterrupted_run(tmp_path):

@@ -182,3 +182,66 @@ def test_predict_writes_every_test_exposure_with_keys_that_join_back_to_the_sour
     evaluated = json.loads((tmp_path / "run" / "eval_test.json").read_text())
     assert m.auc == pytest.approx(evaluated["SQS"]["ctr"]["auc"], abs=1e-6)
     assert main(["predict", "--run", str(tmp_path / "run"), "--data", data, "--out", str(out)]) == 2  # exists
+
+
+def test_select_chooses_the_snapshots_by_the_named_metrics_and_is_recorded(world, tmp_path, capsys):
+    import csv
+
+    from mtfm.train.selection import parse_selection, weighted_score
+
+    data, model = world
+    run = tmp_path / "run"
+    assert _train(data, run, model, "--epochs", "1", "--select", "auc", "--select", "SQS=logloss@ctr") == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["select"] == "auc,SQS=logloss@ctr"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["select"] == "auc,SQS=logloss@ctr"
+    h = metrics["history"][0]
+    valid = h["valid"]
+    overall = [(s, t) for s in valid for t in (["ctr"] if s == "SQS" else valid[s])]
+    assert h["selection_score"] == pytest.approx(weighted_score(valid, "auc", overall))
+    assert h["selection_scenario_scores"]["SQS"] == pytest.approx(-valid["SQS"]["ctr"]["logloss"])
+    assert json.loads((run / "checkpoints" / "best.json").read_text())["select"] == "auc,SQS=logloss@ctr"
+    assert json.loads((run / "checkpoints" / "best-SQS.json").read_text())["select"] == "logloss@ctr"
+    assert json.loads((run / "checkpoints" / "best-HP.json").read_text())["select"] == "auc"
+    with open(run / "train_log.csv") as f:
+        end = [r for r in csv.DictReader(f) if r["select"]]
+    assert len(end) == 1 and float(end[0]["valid_score"]) == pytest.approx(h["selection_score"])
+    assert parse_selection(metrics["select"]) == parse_selection("auc,SQS=logloss@ctr")
+
+    # a changed selection cannot resume the run; bad or unknown parts are one-line errors (exit 2)
+    assert _train(data, run, model, "--epochs", "2", "--resume", "--select", "gauc") == 2
+    err = capsys.readouterr().err
+    assert "['select']" in err and "'auc,SQS=logloss@ctr'" in err and "'gauc'" in err
+    assert _train(data, tmp_path / "bad", model, "--epochs", "1", "--select", "SQS=acu") == 2
+    assert "--select: 'SQS=acu': unknown metric 'acu'" in capsys.readouterr().err
+    assert _train(data, tmp_path / "bad", model, "--epochs", "1", "--select", "auc,XX@ctr") == 2
+    assert "unknown scenario 'XX'" in (err := capsys.readouterr().err) and "['HP', 'PHF', 'SQS']" in err
+    assert _train(data, tmp_path / "bad", model, "--epochs", "1", "--select", "SQS@ctr+clicks") == 2
+    assert "'SQS' has no task(s) ['clicks']" in (err := capsys.readouterr().err) and "'imd'" in err
+
+
+def test_help_lists_the_presets_read_from_their_files(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    import mtfm.cli.presets as presets
+    from mtfm.train.config import train_preset_path
+
+    def help_of(command: str) -> str:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        return capsys.readouterr().out
+
+    logistic = yaml.safe_load(train_preset_path("logistic").read_text())
+    demo = help_of("demo")
+    assert f"LR baseline (--arch logistic): preset logistic (train_logistic.yaml): lr={logistic['lr']}" in demo
+    assert "MTFM training: preset mtfm (train_mtfm.yaml): lr=" in demo and "small (model_small.yaml): d_model 64" in demo
+    train = help_of("train")
+    assert all(f"{n} (model_{n}.yaml)" in train for n in ("small", "paper"))
+    assert all(f"{n} (train_{n}.yaml)" in train for n in ("mtfm", "logistic")) and "--select" in train
+
+    # the numbers come from the files when help is built, not from a copy in the code
+    edited = tmp_path / "train_logistic.yaml"
+    edited.write_text("lr: 0.123\nepochs: 9\n")
+    real = presets.train_preset_path
+    monkeypatch.setattr(presets, "train_preset_path", lambda name: edited if name == "logistic" else real(name))
+    assert "preset logistic (train_logistic.yaml): lr=0.123, epochs=9" in help_of("demo")

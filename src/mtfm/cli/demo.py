@@ -30,10 +30,29 @@ DEFAULTS = {
 }
 
 
+def settings_epilog() -> str:
+    """What the demo trains with, read from the packaged preset files when help is built."""
+    from mtfm.cli.presets import defaults_line, model_preset_line, train_preset_line
+
+    def overrides(train: dict) -> str:
+        return ", ".join(f"{k}={v}" for k, v in train.items()) or "none"
+
+    return "\n".join([
+        "settings (read from the packaged presets, src/mtfm/configs/):",
+        f"  MTFM model (--model, default small): {model_preset_line('small')}",
+        f"  MTFM training: preset {train_preset_line('mtfm')}",
+        f"    demo overrides: synthetic ({DEFAULTS['synthetic']['users']} users): "
+        f"{overrides(DEFAULTS['synthetic']['train'])}; movielens: {overrides(DEFAULTS['movielens']['train'])}",
+        f"  LR baseline (--arch logistic): preset {train_preset_line('logistic')}",
+        f"  {defaults_line()}",
+        "  `mtfm train --help` lists every preset; --epochs / --max-steps / --seed / --threads override them.",
+    ])
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo", help="generate -> prepare -> train MTFM and LR -> evaluate, printing the table beside the oracle",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, epilog=settings_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=tuple(DEFAULTS), default="synthetic",
                    help="synthetic world (default; has the oracle ceiling) or MovieLens-100K")
     p.add_argument("--path", metavar="P", default=None,
@@ -43,7 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--model", metavar="YAML", default="small", help="MTFM model config or preset (default small)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=int, default=None, help="MTFM epochs (default 3; MovieLens 8)")
+    budget.add_argument("--epochs", type=int, default=None, help="MTFM epochs (default: the preset's; see below)")
     budget.add_argument("--max-steps", type=int, default=None, help="MTFM optimizer steps instead of epochs")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: one core less than the machine has, for the loader)")

@@ -12,7 +12,8 @@ from mtfm.train.evaluate import CHECKPOINT_CHOICES
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "evaluate", help="AUC / GAUC / logloss per scenario and task of a trained run, beside the oracle",
-        description="Score RUN's best checkpoint (by valid GAUC) on a split of DIR and write "
+        description="Score RUN's best checkpoint (by the run's valid selection score, `mtfm train --select`; "
+        "default GAUC) on a split of DIR and write "
         "RUN/eval_<split>.json as {scenario: {task: {auc, gauc, logloss, exposures, positives, users_scored, "
         "users_skipped_single_class, oracle_auc, oracle_gauc, ...}}} (oracle_* when the data knows the true "
         "probabilities). GAUC: per-user AUC weighted by the user's exposures; users with one class only are "
@@ -21,8 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="DIR", required=True, help="prepared data directory")
     p.add_argument("--split", default="test", help="split to score (default test)")
     p.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="best",
-                   help="best: each scenario from its own best epoch by valid GAUC (default); best-overall: the "
-                        "epoch with the best mean valid GAUC; last: the latest checkpoint")
+                   help="best (default): each scenario from its own best epoch by the run's selection (`mtfm train "
+                        "--select`, default valid GAUC); best-overall: the epoch with the best overall selection score; "
+                        "last: the latest checkpoint")
     p.add_argument("--baseline", metavar="RUN", default=None,
                    help="another run (e.g. --arch logistic) to show beside, with the share of its gap to the oracle closed")
     p.add_argument("--batch-size", type=int, default=256)

@@ -19,7 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="split to score (default test)")
     p.add_argument("--out", metavar="FILE.parquet", required=True)
     p.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="best",
-                   help="best: each scenario from its own best epoch by valid GAUC (default); best-overall; last")
+                   help="best: each scenario from its own best epoch by the run's selection (default; `mtfm train "
+                        "--select`); best-overall; last")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     p.add_argument("--allow-other-data", action="store_true",

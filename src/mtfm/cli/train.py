@@ -10,11 +10,25 @@ from contextlib import nullcontext
 from mtfm.dirlock import hold_dir_lock
 from mtfm.train.config import TrainConfig, load_train_config, train_config_from_dict
 from mtfm.train.models import ARCHS
+from mtfm.train.selection import Selection, SelectionError
+
+SELECT_HELP = """\
+model selection (--select, or `select:` in the training config):
+  gauc | auc | logloss        global metric: selects RUN's `best` snapshot (over every scenario's
+                              tasks) and each scenario's `best-S`; default gauc
+  S=METRIC  S@T1+T2  S=METRIC@T1+T2
+                              scenario S's `best-S` is METRIC (default: the global one) over tasks
+                              T1, T2 (default all); a task list also restricts S's tasks in `best`
+  e.g. --select auc,SQS=gauc@ctr+ctcvr  (= --select auc --select SQS=gauc@ctr+ctcvr)
+  Means are weighted so a scenario with a handful of users cannot decide: GAUC by users scored,
+  AUC by positives, logloss by exposures (lower is better: the score is -logloss). Unknown
+  scenarios or tasks are refused at the start; --resume with another selection is refused. The
+  selection and each epoch's score are in train_log.csv, metrics.json and checkpoints/best*.json."""
 
 DESCRIPTION = """\
-Train one model on DIR's train split (prepared by `mtfm prepare`), early-stopping on the mean
-GAUC of the valid split, and write RUN/checkpoints/ (safetensors + JSON, atomic), RUN/train_log.csv
-and RUN/metrics.json. Runs unchanged under `torchrun --nproc_per_node N -m mtfm train ...`
+Train one model on DIR's train split (prepared by `mtfm prepare`), selecting the best snapshots
+and early-stopping on the valid split (--select; default GAUC weighted by users scored), and write
+RUN/checkpoints/ (safetensors + JSON, atomic), RUN/train_log.csv and RUN/metrics.json. Runs unchanged under `torchrun --nproc_per_node N -m mtfm train ...`
 (DDP; gloo on CPU, nccl on GPU; DIR needs >= N shards per split: `mtfm prepare --shards N`).
 An interrupted run continues exactly where its last checkpoint left it with --resume."""
 
@@ -25,13 +39,16 @@ def _comma_list(text: str | None) -> list[str] | None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from mtfm.cli.presets import presets_epilog
+
     p = subparsers.add_parser("train", help="train MTFM (or a baseline) on prepared data",
-                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION, epilog=SELECT_HELP + "\n\n" + presets_epilog(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", metavar="DIR", required=True, help="prepared data directory (has manifest.json)")
     p.add_argument("--out", metavar="RUN", required=True, help="run directory for checkpoints, logs, metrics.json")
     p.add_argument("--arch", choices=ARCHS, default="mtfm", help="model to train (default mtfm; logistic = LR baseline)")
     p.add_argument("--model", metavar="YAML", default=None,
-                   help="MTFM model config: a YAML file or a preset name (small, paper); default small")
+                   help="MTFM model config: a YAML file or a preset name (listed below); default small")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", metavar="E", type=int, default=None, help="epochs (default: the config's)")
     budget.add_argument("--max-steps", metavar="N", type=int, default=None,
@@ -43,14 +60,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "records it and evaluate/predict read the data the same way")
     p.add_argument("--seed", metavar="S", type=int, default=None, help="seed of init, shuffling and dropout (default 0)")
     p.add_argument("--config", metavar="YAML", default=None,
-                   help="training config: a YAML of mtfm.train.config.TrainConfig fields or a preset name; default: the "
-                        "arch's preset (src/mtfm/configs/train_mtfm.yaml: Adam at lr 3e-4, attention biases at 30x lr, 3 "
-                        "epochs; train_logistic.yaml: lr 1e-2, 4 epochs); the options below override it")
+                   help="training config: a YAML of mtfm.train.config.TrainConfig fields or a preset name (mtfm, "
+                        "logistic; their settings are listed below); default: the arch's preset; the options below "
+                        "override it")
     p.add_argument("--batch-size", type=int, default=None, help="samples (users) per batch per rank (default 64)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of the dense optimizer (default: the preset's)")
     p.add_argument("--embedding-lr", type=float, default=None,
                    help="learning rate of the embedding tables' own Adam (default: the preset's)")
-    p.add_argument("--patience", type=int, default=None, help="epochs without valid-GAUC gain before stopping (default 2)")
+    p.add_argument("--select", metavar="SEL", action="append", default=None,
+                   help="what selects the best snapshots and drives early stopping: gauc, auc or logloss, plus "
+                        "per-scenario overrides SCENARIO[=METRIC][@TASK+TASK]; comma separated or repeated "
+                        "(default: the config's, gauc); see below")
+    p.add_argument("--patience", type=int, default=None,
+                   help="epochs without a gain of the selection score (overall or any scenario's) before stopping "
+                        "(default 2)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N steps")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default auto")
@@ -76,6 +99,11 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         "threads": args.threads,
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
+    if args.select:
+        try:
+            base["select"] = Selection.parse(args.select).model_dump()
+        except SelectionError as err:
+            raise SelectionError("--select: " + str(err).removeprefix("select: ")) from None
     if args.embedding_lr is not None and base.get("embedding_optimizer", "shared") == "shared":
         base["embedding_optimizer"] = "adam"  # an embedding lr needs the embeddings' own optimizer
     if args.max_steps is not None and args.epochs is None:
@@ -117,7 +145,9 @@ def _run_locked(args: argparse.Namespace) -> int:
         return 0
     best = m["best"]
     summary = {"status": m["status"], "steps": m["steps"], "epochs_completed": m["epochs_completed"],
-               "best_epoch": best and best["epoch"], "best_valid_mean_gauc": best and best["valid_mean_gauc"],
+               "select": m["select"], "best_epoch": best and best["epoch"],
+               "best_selection_score": best and best["selection_score"],
+               "best_valid_mean_gauc": best and best["valid_mean_gauc"],
                "best_epoch_by_scenario": {s: b["epoch"] for s, b in m["best_by_scenario"].items()},
                "exposures_per_s": m["throughput"]["exposures_per_s"], "tokens_per_s": m["throughput"]["tokens_per_s"]}
     print(json.dumps(summary))

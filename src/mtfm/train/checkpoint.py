@@ -13,8 +13,9 @@ A checkpoint is a directory, so a reader never sees half of one:
         checksums.json           size and CRC-32 of every file above (written last)
     RUN/checkpoints/latest.json  {"checkpoint": "step-00000120"}
     RUN/checkpoints/snapshot-00000100/  model.safetensors + config.json (model-only)
-    RUN/checkpoints/best.json    {"checkpoint": "snapshot-00000100"}  best by the mean valid GAUC
-    RUN/checkpoints/best-SQS.json  {"checkpoint": "snapshot-00000080"}  best for one scenario
+    RUN/checkpoints/best.json    {"checkpoint": "snapshot-00000100", "select": "gauc", "score": ..., "epoch": ...}
+                                 best by the selection score (default: valid GAUC weighted by users scored)
+    RUN/checkpoints/best-SQS.json  {"checkpoint": "snapshot-00000080", ...}  best for one scenario
 
 Everything is first written into a hidden temporary directory next to its final place and
 then renamed (``os.rename`` is atomic on one filesystem); pointer files are replaced with
@@ -336,8 +337,8 @@ class CheckpointManager:
             for pointer, info in pointers.items():
                 (tmp / f"{pointer}.info.json").write_text(json.dumps(info, indent=2))
             final = self._publish(tmp, name, None)
-            for pointer in pointers:
-                write_json(self.root / f"{pointer}.json", {"checkpoint": name})
+            for pointer, info in pointers.items():  # the reason beside the name (the selection, its score)
+                write_json(self.root / f"{pointer}.json", {"checkpoint": name, **info})
             referenced = {read_json(p)["checkpoint"] for p in self.root.glob("best*.json")}
             for old in self.root.glob("snapshot-*"):
                 if old.is_dir() and old.name not in referenced:

@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mtfm.train.selection import Selection
 from mtfm.yamlio import safe_load
 
 
@@ -26,10 +27,11 @@ class TrainConfig(BaseModel):
 
     ``epochs`` bounds the run; ``max_steps`` (optimizer steps, counted over the whole run)
     stops it earlier, possibly mid-epoch (a checkpoint is written there, so the run can be
-    resumed with a larger budget). At the end of each epoch the valid split is scored; the
-    mean GAUC over all (scenario, task) pairs (weighted by users scored, see
-    ``evaluate.mean_gauc``) selects the ``best`` snapshot, each scenario's own mean selects
-    ``best-<scenario>``, and early stopping waits for any of them to improve.
+    resumed with a larger budget). At the end of each epoch the valid split is scored; ``select``
+    (default: GAUC weighted by users scored, over all (scenario, task) pairs; see
+    :mod:`mtfm.train.selection`) selects the ``best`` snapshot, the same metric over each
+    scenario's own tasks (or that scenario's override) selects ``best-<scenario>``, and early
+    stopping waits for any of them to improve.
     """
 
     # allow_inf_nan=False: a learning rate (or any float setting) of nan or inf is refused at load,
@@ -61,9 +63,14 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = Field(default=1.0, gt=0, description="max global L2 norm of the gradients; None: off")
     bf16: bool = Field(default=False, description="bf16 autocast for forward and loss")
 
+    select: Selection = Field(
+        default_factory=Selection,
+        description="valid metric that selects the best snapshots and drives early stopping: gauc, auc or logloss, "
+        "plus per-scenario overrides SCENARIO[=METRIC][@TASK+TASK] (mtfm.train.selection); a string or a mapping",
+    )
     patience: int | None = Field(
         default=2, ge=1,
-        description="epochs in which neither the mean valid GAUC nor any scenario's valid GAUC improved, before stopping",
+        description="epochs in which neither the overall selection score nor any scenario's improved, before stopping",
     )
     min_delta: float = Field(default=0.0, ge=0)
     checkpoint_every: int | None = Field(default=None, ge=1, description="also checkpoint every N steps mid-epoch")
@@ -88,7 +95,9 @@ class TrainConfig(BaseModel):
 
     # Fields that may change between an interrupted run and its resumption: the budget and
     # how the run reports itself. Everything else must match, or the resumed run would not
-    # be the same run.
+    # be the same run. ``select`` is not among them: the best snapshots and the early-stopping
+    # count a run holds were chosen by its selection, and comparing them with scores of another
+    # metric would be meaningless.
     RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset(
         {"epochs", "max_steps", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "prefetch", "patience"}
     )
@@ -141,3 +150,16 @@ def resume_mismatches(saved: TrainConfig, requested: TrainConfig) -> list[str]:
     """Fields that differ between a checkpoint's config and a resume request and may not."""
     a, b = saved.model_dump(), requested.model_dump()
     return sorted(k for k in a if k not in TrainConfig.RESUMABLE_CHANGES and a[k] != b[k])
+
+
+def describe_mismatches(saved: TrainConfig, requested: TrainConfig, fields: list[str]) -> str:
+    """``field: saved -> requested`` for each of ``fields`` (the resume refusal's detail)."""
+    parts = []
+    for k in fields:
+        if k == "select":
+            parts.append(f"select: the run selects by {str(saved.select)!r}, the resume asks for "
+                         f"{str(requested.select)!r} (its best snapshots and early stopping followed the run's; "
+                         "start a new run to select by another metric)")
+        else:
+            parts.append(f"{k}: {getattr(saved, k)!r} -> {getattr(requested, k)!r}")
+    return "; ".join(parts)

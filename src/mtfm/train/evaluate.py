@@ -224,9 +224,9 @@ CHECKPOINT_CHOICES = ("best", "best-overall", "last")
 def scenario_checkpoints(run_dir: str | Path, which: str = "best") -> dict[str, Path]:
     """Which checkpoint scores each scenario of a run.
 
-    ``best``: each scenario's own best epoch by valid GAUC (``best-<scenario>``; the deployment
-    view, one subgraph per scenario); ``best-overall``: the epoch with the best mean valid GAUC
-    over all scenarios; ``last``: the latest training checkpoint. A run that never finished an
+    ``best``: each scenario's own best epoch by the run's selection (``best-<scenario>``; default
+    valid GAUC, see :mod:`mtfm.train.selection`; the deployment view, one subgraph per
+    scenario); ``best-overall``: the epoch with the best overall selection score; ``last``: the latest training checkpoint. A run that never finished an
     epoch has only ``last``, which every choice then falls back to.
     """
     from mtfm.train.checkpoint import CheckpointManager, read_checkpoint_config

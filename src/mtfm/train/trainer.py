@@ -37,7 +37,7 @@ from mtfm.config import DataSchema
 from mtfm.data.batch import JaggedBatch
 from mtfm.dirlock import hold_dir_lock
 from mtfm.train.checkpoint import CheckpointError, CheckpointManager, read_json, write_json
-from mtfm.train.config import TrainConfig, cpu_threads, resume_mismatches
+from mtfm.train.config import TrainConfig, cpu_threads, describe_mismatches, resume_mismatches
 from mtfm.train.distributed import DistContext, all_max_int, all_sum_floats, same_on_all_ranks
 from mtfm.train.evaluate import Metrics, compute_metrics, gather_predictions, mean_gauc, predict
 from mtfm.train.rundata import check_run_data, data_record
@@ -140,7 +140,11 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig) -> dict[str, torch.optim
 class CsvLog:
     """Append-only CSV of training steps; on resume, rows after the checkpoint are dropped."""
 
-    FIELDS = ("step", "epoch", "batch", "loss", "exposures_per_s", "tokens_per_s", "lr", "elapsed_s")
+    FIELDS = ("step", "epoch", "batch", "loss", "exposures_per_s", "tokens_per_s", "lr", "elapsed_s",
+              "valid_score", "select")
+    # A training row leaves valid_score and select empty; the row written at an epoch's end has
+    # the epoch's mean train loss in ``loss``, the overall selection score of the valid split in
+    # ``valid_score`` and the selection that computed it in ``select`` (throughput columns empty).
 
     def __init__(self, path: Path, resume_step: int | None) -> None:
         self.path = path
@@ -155,7 +159,7 @@ class CsvLog:
                 w.writeheader()
                 w.writerows(rows)
 
-    def write(self, **row: float) -> None:
+    def write(self, **row: float | str) -> None:
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.FIELDS).writerow(row)
 
@@ -228,6 +232,7 @@ class Trainer:
     ) -> None:
         self.model = model.to(ctx.device)
         self.train_data, self.valid_data, self.schema, self.cfg = train_data, valid_data, schema, cfg
+        cfg.select.check(schema)  # an unknown scenario or task fails before any work
         self.run_dir, self.ctx = Path(run_dir), ctx
         self.run_config = {**run_config, "train": cfg.model_dump(mode="json")}
         self.step_hook = step_hook
@@ -255,7 +260,8 @@ class Trainer:
             bad = resume_mismatches(saved, self.cfg)
             if bad:
                 raise CheckpointError(
-                    f"{ckpt}: cannot resume exactly, these training settings differ from the checkpoint: {bad}"
+                    f"{ckpt}: cannot resume exactly, these training settings differ from the checkpoint: {bad} "
+                    f"({describe_mismatches(saved, self.cfg, bad)})"
                 )
 
         _, raw = self.ckpt.load_resumable(model=self.model, optimizers=self.optimizers, check=check,
@@ -374,23 +380,30 @@ class Trainer:
         """Evaluate, update the best snapshots and early stopping, reset the epoch sums.
 
         Selection is per scenario as well as overall: ``best-<S>`` is the epoch with scenario
-        S's best valid GAUC, ``best`` the epoch with the best mean over all scenarios. In a
-        multi-scenario run the big scenarios may start to overfit while a small one still
-        gains (it sees far fewer labels per epoch); each scenario is served by its own
-        subgraph (paper 3.1), so each can come from its own best epoch. Training stops once
-        ``patience`` epochs passed without any of these improving.
+        S's best valid score, ``best`` the epoch with the best score over all scenarios, each
+        score as ``cfg.select`` says (default: GAUC weighted by users scored; see
+        :mod:`mtfm.train.selection`). In a multi-scenario run the big scenarios may start to
+        overfit while a small one still gains (it sees far fewer labels per epoch); each
+        scenario is served by its own subgraph (paper 3.1), so each can come from its own best
+        epoch. Training stops once ``patience`` epochs passed without any of these improving.
         """
         st, cfg = self.state, self.cfg
         loss_sum, loss_steps, padding = all_sum_floats(
             self.ctx, [st.epoch_loss_sum, float(st.epoch_loss_steps), float(st.epoch_padding_steps)]
         )
         valid = evaluate_split(self.model, self.valid_data, self.schema, self.ctx, bf16=cfg.bf16)
-        scores = {"best": mean_gauc(valid), **{f"best-{s}": mean_gauc({s: valid[s]}) for s in valid}}
+        scores = cfg.select.scores(valid)
+        train_loss = loss_sum / max(1.0, loss_steps)
         st.history.append({
-            "epoch": st.epoch + 1, "step": st.step, "train_loss": loss_sum / max(1.0, loss_steps),
-            "padding_steps": int(padding), "valid_mean_gauc": scores["best"],
-            "valid_scenario_gauc": {s: scores[f"best-{s}"] for s in valid}, "valid": valid,
+            "epoch": st.epoch + 1, "step": st.step, "train_loss": train_loss,
+            "padding_steps": int(padding), "valid_mean_gauc": mean_gauc(valid),
+            "valid_scenario_gauc": {s: mean_gauc({s: valid[s]}) for s in valid},
+            "select": str(cfg.select), "selection_score": scores["best"],
+            "selection_scenario_scores": {s: scores[f"best-{s}"] for s in valid}, "valid": valid,
         })
+        if self.ctx.is_main:
+            self.log.write(step=st.step, epoch=st.epoch, batch=st.batch, loss=train_loss,
+                           valid_score="" if scores["best"] is None else scores["best"], select=str(cfg.select))
         improved = {}
         for pointer, score in scores.items():
             previous = st.best.get(pointer)
@@ -398,7 +411,8 @@ class Trainer:
                 st.best[pointer] = improved[pointer] = {"score": score, "epoch": st.epoch + 1, "step": st.step}
         if improved:
             st.epochs_without_gain = 0
-            self.ckpt.save_snapshot(step=st.step, model=self.model, config=self.run_config, pointers=improved)
+            why = {p: {**info, "select": cfg.select.rule(p)} for p, info in improved.items()}
+            self.ckpt.save_snapshot(step=st.step, model=self.model, config=self.run_config, pointers=why)
         else:
             st.epochs_without_gain += 1
         st.epoch += 1
@@ -467,7 +481,9 @@ class Trainer:
             "steps": st.step,
             "epochs_completed": len(st.history),
             "padding_steps": int(all_sum_floats(self.ctx, [float(st.padding_steps)])[0]),
+            "select": str(self.cfg.select),
             "best": None if best is None else {"epoch": best["epoch"], "step": best["step"],
+                                               "selection_score": best.get("selection_score"),
                                                "valid_mean_gauc": best["valid_mean_gauc"], "valid": best["valid"]},
             "best_by_scenario": {s: st.best[f"best-{s}"] for s in self.schema.scenario_names if f"best-{s}" in st.best},
             "final_valid": final_valid,
