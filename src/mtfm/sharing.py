@@ -72,8 +72,11 @@ def format_sharing_plan(schema: DataSchema, max_unshared: int = 8) -> str:
     shared = [t for t in plan if t.share is not None]
     unshared = [t for t in plan if t.share is None]
     reads = sum(len(t.members) for t in shared)
-    lines = [f"embedding tables: {len(plan)} ({len(shared)} shared by `share:`, read by {reads} features; "
-             f"{len(unshared)} unshared features, one table each)"]
+    if shared:
+        lines = [f"embedding tables: {len(plan)} ({len(shared)} shared by `share:`, read by {reads} features; "
+                 f"{len(unshared)} unshared features, one table each)"]
+    else:
+        lines = [f"embedding tables: {len(plan)}, one per categorical feature (no feature declares `share:`)"]
     for t in shared:
         feat = t.members[0][2]
         names = ", ".join(f"{_where(fld)}.{f.name}" for _, fld, f in t.members)

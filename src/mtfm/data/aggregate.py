@@ -102,6 +102,13 @@ from mtfm.data.store import (
 from mtfm.data.side import join_frame, join_side_tables, sides_of
 from mtfm.data.timestamps import check_splits_not_empty, frame_to_unit, tables_to_unit, warn_far_timestamps
 from mtfm.data.vectors import expand_frame, expand_vectors
+from mtfm.data.vocab import (
+    VocabularyInfo,
+    VocabularySource,
+    apply_vocabularies,
+    build_vocabulary,
+    train_vocabulary_features,
+)
 from mtfm.data.validate import (
     DataError,
     require_columns,
@@ -567,6 +574,8 @@ class Aggregation:
     input_exposures: int
     users_without_exposures: int
     realtime_truncated: dict[str, int] = field(default_factory=dict)  # R type -> actions its cap left out
+    # vocabulary key -> (built list, report) for ``vocabulary: train`` features (mtfm.data.vocab)
+    vocabularies: dict[str, tuple[list, VocabularyInfo]] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -753,6 +762,17 @@ def aggregate(tables: Mapping[str, pl.DataFrame], origins: Mapping[str, str], sc
                 truncated[spec.name] = cut
     tick("sequences")
 
+    vocabularies: dict[str, tuple[list, VocabularyInfo]] = {}
+    if given_stats is None and train_vocabulary_features(schema):
+        vocabularies = _train_vocabularies(scen, seq_tables, schema, boundaries)
+        schema = apply_vocabularies(schema, {k: v for k, (v, _) in vocabularies.items()})
+        for r in scen:
+            r.spec = schema.scenario(r.spec.name)
+        specs = {s.name: s for s in (*schema.history, *schema.realtime)}
+        for seq in seqs:
+            seq.spec = specs[seq.spec.name]
+        tick("vocabularies")
+
     stats: dict[str, FeatureStats] = {}
     for r in scen:
         _encode_scenario(r, schema, boundaries, given_stats, stats)
@@ -764,7 +784,34 @@ def aggregate(tables: Mapping[str, pl.DataFrame], origins: Mapping[str, str], sc
         sample_split=_split_of(window, schema, boundaries), scenario_offsets=offsets,
         scenario_rows={r.spec.name: r for r in scen}, sequences=seqs, stats=stats, dropped=dropped,
         input_exposures=input_exposures, users_without_exposures=without, realtime_truncated=truncated,
+        vocabularies=vocabularies,
     )
+
+
+def _train_vocabularies(scen: list[_ScenarioRows], seq_tables: dict[str, _SequenceTable], schema: DataSchema,
+                        b: SplitBoundaries) -> dict[str, tuple[list, VocabularyInfo]]:
+    """Build every ``vocabulary: train`` (:mod:`mtfm.data.vocab`): from each scenario's kept
+    exposures and each behaviour table's rows (a table's column counted once), split by window."""
+    rows = {r.spec.name: r for r in scen}
+    sources: dict[str, list[VocabularySource]] = {}
+    seen: set[tuple[str, str]] = set()
+    for key, path, feat in train_vocabulary_features(schema):
+        kind, _, rest = path.partition("[")
+        owner = rest.split("]", 1)[0]
+        if kind == "scenarios":
+            r = rows[owner]
+            values = r.frame[feat.name] if r.identity else r.frame[feat.name].gather(r.rows)
+            split = _split_of(r.ts // schema.window, schema, b)
+        else:
+            spec = next(s for s in (*schema.history, *schema.realtime) if s.name == owner)
+            if (spec.table, feat.name) in seen:
+                continue
+            seen.add((spec.table, feat.name))
+            frame = seq_tables[spec.table].frame
+            values = frame[feat.name]
+            split = _split_of(frame[schema.time.column].to_numpy() // schema.window, schema, b)
+        sources.setdefault(key, []).append(VocabularySource(path, feat, values, split))
+    return {key: build_vocabulary(key, src) for key, src in sources.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -947,7 +994,8 @@ def _prepare_into(out_dir: Path, raw: RawTables, scenarios: list[str] | None, sh
         splits=splits,
         split_boundaries=agg.boundaries,
         scenarios=_scenario_info(agg),
-        schema=raw.schema.model_dump(mode="json"),
+        schema=apply_vocabularies(raw.schema, {k: v for k, (v, _) in agg.vocabularies.items()}).model_dump(mode="json"),
+        vocabularies={k: info for k, (_, info) in agg.vocabularies.items()},
         scenarios_prepared=schema.scenario_names,
         encoding=agg.stats,
         time_unit=schema.time.unit,

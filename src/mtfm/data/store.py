@@ -75,6 +75,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from mtfm.checksum import checksum
 from mtfm.config import DataSchema, ScenarioSpec, SequenceSpec, schema_from_dict
 from mtfm.data.encode import FeatureStats
+from mtfm.data.vocab import VocabularyInfo
 from mtfm.errors import UnknownNameError
 
 MANIFEST_NAME = "manifest.json"
@@ -386,6 +387,8 @@ class Manifest(_Model):
     oracle: dict[str, dict[str, dict[str, dict[str, float | int | None]]]]
     source: dict[str, Any]
     versions: dict[str, str]
+    # ``vocabulary: train`` features: what prepare built (size, OOV per split); the lists are in the schema
+    vocabularies: dict[str, VocabularyInfo] = Field(default_factory=dict)
     timings_s: dict[str, float] = Field(default_factory=dict)  # wall seconds per prepare phase
     cpu_s: dict[str, float] = Field(default_factory=dict)  # CPU seconds (all threads) per phase
 
@@ -526,7 +529,8 @@ def _rate(x: float | None) -> str:
 
 
 def format_summary(manifest: Manifest) -> str:
-    """Human-readable summary: accounting, drops, per scenario and split counts, oracle table."""
+    """Human-readable summary: accounting, drops, vocabularies built on train, per scenario and
+    split counts, the embedding sharing plan (:mod:`mtfm.sharing`), oracle table."""
     lines = [
         f"exposures: input {manifest.input_exposures:,}, output {manifest.output_exposures:,}, "
         f"dropped {sum(manifest.dropped.values()):,}",
@@ -543,6 +547,10 @@ def format_summary(manifest: Manifest) -> str:
         lines.append(f"real-time {name}: {n:,} in-window actions beyond max_in_window left out of samples")
     b = manifest.split_boundaries
     lines.append(f"split boundaries ({b.style}): valid_start={b.valid_start}, test_start={b.test_start}")
+    if manifest.vocabularies:
+        from mtfm.data.vocab import format_vocabularies
+
+        lines.append(format_vocabularies(manifest.vocabularies))
     lines.append("")
     lines.append(f"{'split':<6} {'samples':>10} {'exposures':>11} {'shards':>6}  exposures per scenario")
     for split, info in manifest.splits.items():
@@ -557,6 +565,10 @@ def format_summary(manifest: Manifest) -> str:
         for name, per_task in split_info.label_rates.items():
             rates = ", ".join(f"{t}={_rate(r)}" for t, r in per_task.items())
             lines.append(f"{split:<6} {name:<10} {split_info.scenario_exposures[name]:>11,}  {rates}")
+    from mtfm.sharing import format_sharing_plan
+
+    lines.append("")
+    lines.append(format_sharing_plan(manifest.schema_obj))
     oracle_rows = [
         (split, scen, task, m)
         for split, per_scen in manifest.oracle.items()
