@@ -171,3 +171,30 @@ def test_train_vocabulary_schema_rules() -> None:
     unresolved = _train_vocab_world().schema.scenario("A").item_features[0]
     with pytest.raises(SchemaError, match="'vocabulary: train' is built by mtfm prepare"):
         unresolved.cardinality
+
+
+def test_cli_prepare_and_train_print_vocabularies_and_the_sharing_plan(tmp_path, capsys) -> None:
+    """``mtfm prepare`` (raw files with text SKUs) reports the train vocabulary and the sharing
+    plan; ``mtfm train`` prints the plan of the model it builds before training."""
+    from mtfm.cli import main
+    from mtfm.config import dump_schema
+    from train_fixtures import write_tiny_model_yaml
+
+    raw = _train_vocab_world(share="items")
+    d = tmp_path / "raw"
+    d.mkdir()
+    for name, df in raw.tables.items():
+        df.write_parquet(d / f"{name}.parquet")
+    dump_schema(raw.schema, d / "schema.yaml")
+    assert main(["prepare", "--source", "directory", "--path", str(d), "--schema", str(d / "schema.yaml"),
+                 "--out", str(tmp_path / "data"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "vocabulary 'items' (from train):" in out and "out of vocabulary: train 0.0%" in out
+    assert "embedding tables: 8 (1 shared by `share:`, read by 1 feature; 7 unshared features" in out
+    assert "  share 'items' (" in out and "A item.item" in out
+    model = write_tiny_model_yaml(tmp_path / "tiny.yaml")
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--model", model,
+                 "--quiet", "--batch-size", "8", "--epochs", "1", "--scenarios", "A"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("embedding tables: 7 (1 shared by `share:`")
+    assert "B item.item" not in out.split("\n\n")[0]

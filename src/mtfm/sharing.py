@@ -73,7 +73,7 @@ def format_sharing_plan(schema: DataSchema, max_unshared: int = 8) -> str:
     unshared = [t for t in plan if t.share is None]
     reads = sum(len(t.members) for t in shared)
     if shared:
-        lines = [f"embedding tables: {len(plan)} ({len(shared)} shared by `share:`, read by {reads} features; "
+        lines = [f"embedding tables: {len(plan)} ({len(shared)} shared by `share:`, read by {reads} feature{'s' if reads != 1 else ''}; "
                  f"{len(unshared)} unshared features, one table each)"]
     else:
         lines = [f"embedding tables: {len(plan)}, one per categorical feature (no feature declares `share:`)"]
@@ -149,3 +149,14 @@ def upgrade_legacy_model_config(model_config: dict, schema: DataSchema) -> tuple
     if model_config[LEGACY_FLAG] and not any(f.share for _, _, f in schema.id_features()):
         schema = legacy_shares(schema, int(config.get("embedding_dim", 16)))
     return config, schema
+
+
+def run_sharing_plan(data_dir: str, scenarios: list[str] | None, drop_inputs: list[str] | tuple[str, ...]) -> str:
+    """The plan of the model ``mtfm train`` builds on ``data_dir`` (its prepared schema, with the
+    loader's scenario restriction and input ablation), for the start of training."""
+    from mtfm.data.store import read_manifest
+
+    schema = read_manifest(data_dir).schema_obj
+    if scenarios:
+        schema = schema.restrict(list(scenarios))
+    return format_sharing_plan(schema.without(drop_inputs))

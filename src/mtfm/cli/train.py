@@ -137,6 +137,10 @@ def _run_locked(args: argparse.Namespace) -> int:
     from mtfm.train.trainer import train_from_data
 
     cfg = train_config_from_args(args)
+    if args.arch == "mtfm" and int(os.environ.get("RANK", "0")) == 0:  # which features read which table
+        from mtfm.sharing import run_sharing_plan
+
+        print(run_sharing_plan(args.data, _comma_list(args.scenarios), _comma_list(args.drop_inputs) or ()), flush=True)
     result = train_from_data(args.data, args.out, arch=args.arch, model_config=model_config_from_args(args.arch, args.model),
                              cfg=cfg, scenarios=_comma_list(args.scenarios), drop_inputs=_comma_list(args.drop_inputs) or (),
                              resume=args.resume, allow_other_data=args.allow_other_data)
