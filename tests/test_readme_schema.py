@@ -1,7 +1,7 @@
 """The README's multi-campaign schema example is valid and prepares a log in the layouts it names.
 
-Why: the example documents timestamps, string ids, vector features, side tables and
-compressed inputs at once; this test keeps it true (it reads the YAML block from README.md,
+Why: the example documents timestamps, string ids (a vocabulary built on the train split),
+embedding sharing, vector features, side tables and compressed inputs at once; this test keeps it true (it reads the YAML block from README.md,
 writes a small log in exactly the files and column forms the comments describe, and prepares it).
 """
 
@@ -18,6 +18,8 @@ from input_helpers import write_compressed, write_parts
 from mtfm.config import schema_from_dict
 from mtfm.data.aggregate import prepare
 from mtfm.data.sources.directory import load_source as load_directory
+from mtfm.data.vocab import format_vocabularies
+from mtfm.sharing import sharing_plan
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MARKER = "<!-- schema-example"
@@ -81,3 +83,14 @@ def test_the_readme_example_prepares_a_multi_campaign_log(tmp_path) -> None:
     assert all(m.splits[s].samples > 0 for s in ("train", "valid", "test"))
     assert "T.banner.item.banner_emb[31]" in m.encoding and "T.coupon.cross.affinity_at_slot" in m.encoding
     assert m.encoding["T.coupon.user.city"].oov_values > 0  # "rome" is not in the vocabulary: id 0, counted
+    # coupon_id: one vocabulary built on the train split for the campaign and the order history
+    # (share: coupon), written into the prepared schema; brand: one hashed table for both
+    info = m.vocabularies["coupon"]
+    assert info.features == ["history[orders].features[coupon_id]", "scenarios[coupon].item_features[coupon_id]"]
+    assert 0 < info.size <= 60 and info.min_count == 2
+    prepared = {p: f for p, _, f in m.schema_obj.id_features()}
+    vocab = prepared["scenarios[coupon].item_features[coupon_id]"].vocabulary
+    assert vocab == prepared["history[orders].features[coupon_id]"].vocabulary and len(vocab) == info.size
+    assert {t.share: len(t.members) for t in sharing_plan(m.schema_obj) if t.share} == {"coupon": 2, "brand": 2}
+    line = format_vocabularies(m.vocabularies)  # the README quotes this run's report
+    assert line in " ".join(README.read_text().replace("`", "").split())
