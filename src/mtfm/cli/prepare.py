@@ -61,7 +61,8 @@ run safety:
   every shard file's rows, size and CRC-32, which the loader checks.
 
 sources:
-  synthetic  generated multi-scenario world with oracle probabilities (--users, --seed)
+  synthetic  generated multi-scenario world with oracle probabilities (--users, --seed, and the world
+             knobs below); writes DIR/schema.yaml whose header describes the world and the command
   movielens  MovieLens-100K as scenarios (--path: its directory, default shared/data)
   kuairand   KuaiRand-Pure (--path: its directory)
   directory  DIR/<table>.parquet, .csv, .csv.gz, .csv.zst or <table>/*.parquet per table of --schema (required); CSV lists a|b|c
@@ -85,6 +86,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="number of users: generated (synthetic) or kept (the N smallest ids); default: all / "
                         "the source's default")
     p.add_argument("--seed", metavar="S", type=int, default=0, help="random seed of the source (default 0)")
+    world = p.add_argument_group(
+        "synthetic world (--source synthetic only)",
+        "the world's shape; DIR/schema.yaml's header records it with the command that made it")
+    world.add_argument("--num-scenarios", metavar="K", type=int, default=None,
+                       help="scenarios to generate: HP, PHF, SQS, then generic S4, S5, ... (default 3; 1 to 64)")
+    world.add_argument("--scenario-shares", metavar="A,B,...", type=_shares, default=None,
+                       help="exposure volume of each scenario relative to the others, one positive number per "
+                            "scenario; normalised, so 8,7,1 and 0.5,0.4375,0.0625 are the same (default 8,7,1 for "
+                            "HP, PHF, SQS and 3 per generic scenario)")
+    world.add_argument("--days", metavar="D", type=int, default=None,
+                       help="exposure days (default 14; 3 to 180), after 14 behaviour-only days")
+    world.add_argument("--valid-days", metavar="V", type=int, default=None,
+                       help="the days before the test days that form the valid split (default 1; not with --schema, "
+                            "whose split is its own)")
+    world.add_argument("--test-days", metavar="T", type=int, default=None,
+                       help="the last days, the test split (default 1); V + T must be less than D")
     p.add_argument("--out", metavar="DIR", required=True, help="output directory for shards and manifest.json")
     p.add_argument("--scenarios", metavar="A,B", default=None,
                    help="prepare only these scenarios (comma-separated names from the schema); default: all")
@@ -103,6 +120,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _shares(text: str) -> tuple[float, ...]:
+    """``"0.5,0.3,0.2"`` -> floats (the argparse type of ``--scenario-shares``)."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected positive numbers separated by commas, got {text!r}") from None
+
+
+WORLD_KNOBS = ("num_scenarios", "scenario_shares", "days", "valid_days", "test_days")
+
+
+def _world_options(args: argparse.Namespace) -> dict:
+    """The synthetic world's knobs given on the command line (refused for other sources)."""
+    given = {k: getattr(args, k) for k in WORLD_KNOBS if getattr(args, k) is not None}
+    if given and args.source != "synthetic":
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ValueError(f"{flags}: shape the synthetic world; --source {args.source} reads its data")
+    return given
+
+
+def _other_flags(args: argparse.Namespace) -> str:
+    """The flags besides the world's knobs that a synthetic world's schema.yaml header repeats."""
+    parts = [f"--schema {args.schema}"] if args.schema else []
+    if args.scenarios:
+        parts.append(f"--scenarios {args.scenarios}")
+    return " ".join([*parts, f"--out {args.out}"])
+
+
 def run(args: argparse.Namespace) -> int:
     # The lock first: a second prepare into DIR fails at once, not after loading its source.
     with hold_dir_lock(args.out, "mtfm prepare"):
@@ -118,7 +163,11 @@ def _run_locked(args: argparse.Namespace) -> int:
         raise ValueError(f"source '{args.source}' is not available in this installation ({err})") from None
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()] if args.scenarios else None
     t0 = time.perf_counter()
-    raw = module.load_source(args.path, schema, args.users, args.seed)
+    world = _world_options(args)
+    if args.source == "synthetic":  # the header's command names every knob as resolved, so it reproduces the world
+        raw = module.load_source(args.path, schema, args.users, args.seed, **world, other_flags=_other_flags(args))
+    else:
+        raw = module.load_source(args.path, schema, args.users, args.seed)
     load_s = time.perf_counter() - t0
     manifest = prepare(raw, args.out, scenarios=scenarios, shards=args.shards,
                        max_shard_rows=args.max_shard_rows, overwrite=args.overwrite, progress=not args.quiet,
@@ -129,3 +178,4 @@ def _run_locked(args: argparse.Namespace) -> int:
     print(f"\nsource load {load_s:.2f} s; prepare {total:.2f} s ({rate:,.0f} input exposures/s, "
           f"{cpu:.2f} CPU-s); wrote {args.out}/manifest.json")
     return 0
+

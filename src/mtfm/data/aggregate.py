@@ -964,6 +964,7 @@ def _prepare_into(out_dir: Path, raw: RawTables, scenarios: list[str] | None, sh
     """:func:`prepare`'s work, into an empty directory (the staging directory)."""
     timer = PhaseTimer()
     schema = raw.schema if scenarios is None else raw.schema.restrict(scenarios)
+    files = dict(raw.files)  # the source's files for beside the manifest (the synthetic world's schema.yaml)
     raw = expand_vectors(join_side_tables(tables_to_unit(raw, schema), schema), schema)
     validate_raw(raw, schema)
     for table in dict.fromkeys([s.table for s in schema.scenarios] + list(sequence_tables(schema))):
@@ -1007,6 +1008,8 @@ def _prepare_into(out_dir: Path, raw: RawTables, scenarios: list[str] | None, sh
     manifest.check_accounting()
     manifest.check_counts()
     manifest.timings_s, manifest.cpu_s = timer.totals()
+    for name, text in files.items():
+        (out_dir / name).write_text(text)
     write_manifest(manifest, out_dir)
     return manifest
 

@@ -15,9 +15,10 @@ the next prepare of the same directory removes it (it holds the directory's lock
 :mod:`mtfm.dirlock`, so no other prepare can be writing there). Files are not fsynced before
 the swap: a store torn by a power loss is caught by the loader's size and checksum checks.
 
-Only a directory that holds nothing but prepare's own output (``manifest.json`` and the
-split folders) is replaced; anything else in it (a schema file, notes) makes ``--overwrite``
-refuse, instead of going away with the old directory.
+Only a directory that holds nothing but prepare's own output (``manifest.json``, the split
+folders, and a ``schema.yaml`` that prepare wrote, recognised by its first line) is replaced;
+anything else in it (a schema file of the user's, notes) makes ``--overwrite`` refuse, instead
+of going away with the old directory.
 """
 
 from __future__ import annotations
@@ -33,6 +34,20 @@ from pathlib import Path
 from mtfm.data.store import MANIFEST_NAME, SPLITS
 
 PREPARED_ENTRIES = frozenset({MANIFEST_NAME, *SPLITS})
+# Files a source may have prepare write beside the manifest (RawTables.files), each known as
+# prepare's own by its first line: the synthetic world's schema.yaml.
+WORLD_HEADER_MARK = "# Synthetic world this schema belongs to"
+PREPARED_FILES = {"schema.yaml": WORLD_HEADER_MARK}
+
+
+def _prepared_entry(path: Path) -> bool:
+    if path.name in PREPARED_ENTRIES:
+        return True
+    mark = PREPARED_FILES.get(path.name)
+    if mark is None or not path.is_file():
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.readline().startswith(mark)
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -44,10 +59,10 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise NotADirectoryError(f"{out_dir}: exists and is not a directory")
     if not out_dir.is_dir():
         return
-    entries = sorted(p.name for p in out_dir.iterdir())
+    entries = sorted(out_dir.iterdir())
     if entries and not overwrite:
         raise FileExistsError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
-    foreign = [e for e in entries if e not in PREPARED_ENTRIES]
+    foreign = [e.name for e in entries if not _prepared_entry(e)]
     if foreign:
         raise FileExistsError(f"{out_dir}: holds files `mtfm prepare` did not write ({', '.join(foreign[:5])}"
                               f"{', ...' if len(foreign) > 5 else ''}); --overwrite replaces a prepared "

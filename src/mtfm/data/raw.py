@@ -35,6 +35,8 @@ class RawTables:
     origins: dict[str, str]  # table name -> file path or "synthetic:<table>" (for error messages)
     pre_dropped: dict[str, int] = field(default_factory=dict)  # reason -> exposures a source filtered
     info: dict[str, object] = field(default_factory=dict)  # free-form facts for the manifest (seed, users, ...)
+    # files ``prepare`` writes beside the manifest (name -> text), e.g. the synthetic world's schema.yaml
+    files: dict[str, str] = field(default_factory=dict)
 
     def origin(self, table: str) -> str:
         return self.origins.get(table, table)

@@ -33,11 +33,13 @@ grouped into chunks, and :func:`write_parquet` streams worlds of any size chunk 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.resources
 import math
 import resource
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -45,7 +47,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from tqdm import tqdm
 
 from mtfm.config import (
@@ -62,6 +64,7 @@ from mtfm.config import (
     TimeSpec,
     load_schema,
 )
+from mtfm.data.output import WORLD_HEADER_MARK  # prepare --overwrite knows the schema.yaml it wrote by it
 from mtfm.data.raw import RawTables
 from mtfm.metrics import auc, gauc
 
@@ -141,6 +144,12 @@ def scenario_defs(num_scenarios: int) -> list[ScenarioDef]:
     return defs
 
 
+def default_shares(num_scenarios: int) -> tuple[float, ...]:
+    """The default exposure volume shares (8 : 7 : 1 for HP, PHF, SQS, 3 per generic), normalised."""
+    raw = np.array([d.share for d in scenario_defs(num_scenarios)], dtype=np.float64)
+    return tuple(float(x) for x in raw / raw.sum())
+
+
 def _num_styles(index: int) -> int:
     """Cardinality of a generic scenario's ``style`` attribute (differs between scenarios)."""
     return 3 + index % (NUM_STYLES - 2)
@@ -158,7 +167,15 @@ class SyntheticConfig(BaseModel):
 
     users: int = Field(default=DEFAULT_USERS, gt=0)
     seed: int = Field(default=0, ge=0)
-    days: int = Field(default=14, ge=3, le=180, description="exposure days; the last is test, the one before valid")
+    days: int = Field(default=14, ge=3, le=180,
+                      description="exposure days; the last test_days are test, the valid_days before them valid")
+    valid_days: int = Field(default=1, ge=1, description="exposure days of the valid split (before the test days)")
+    test_days: int = Field(default=1, ge=1, description="exposure days of the test split (the last ones)")
+    scenario_shares: tuple[float, ...] | None = Field(
+        default=None,
+        description="exposure volume of each scenario relative to the others, one per scenario; normalised, so they "
+        "need not sum to 1 (8,7,1 means 0.5,0.4375,0.0625); None: 8 : 7 : 1 for HP, PHF, SQS and 3 per generic one",
+    )
     history_days: int = Field(default=14, ge=1, le=365, description="behaviour-only pre-period before day 0")
     exposures_per_active_day: float = Field(default=12.0, gt=0, le=150, description="mean over active user-days")
     num_scenarios: int = Field(default=3, ge=1, le=64)
@@ -172,14 +189,45 @@ class SyntheticConfig(BaseModel):
     def _aligned_start(self) -> "SyntheticConfig":
         if self.start_ts % DAY != 0:
             raise ValueError(f"start_ts must be a multiple of {DAY} so windows align with days, got {self.start_ts}")
+        if self.valid_days + self.test_days >= self.days:
+            raise ValueError(f"valid_days (--valid-days {self.valid_days}) + test_days (--test-days {self.test_days}) "
+                             f"must be less than days (--days {self.days}): the train split needs at least one day")
+        if self.scenario_shares is not None:
+            shares = self.scenario_shares
+            if len(shares) != self.num_scenarios:
+                raise ValueError(f"scenario_shares (--scenario-shares) has {len(shares)} value(s) for "
+                                 f"{self.num_scenarios} scenarios (--num-scenarios {self.num_scenarios}): give one "
+                                 "per scenario")
         return self
+
+    @field_validator("scenario_shares")
+    @classmethod
+    def _positive_shares(cls, shares: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if shares is not None and (not shares or not all(math.isfinite(x) and x > 0 for x in shares)):
+            raise ValueError(f"must be positive finite numbers, got {list(shares)}")
+        return shares  # as given (relative volumes): the generator normalises, and the header's command repeats them
+
+    @property
+    def shares(self) -> tuple[float, ...]:
+        """Each scenario's share of the exposure volume (normalised; the defaults when not given)."""
+        if self.scenario_shares is None:
+            return default_shares(self.num_scenarios)
+        total = math.fsum(self.scenario_shares)
+        return tuple(x / total for x in self.scenario_shares)
+
+    def scenario_defs(self) -> list[ScenarioDef]:
+        """The scenarios of this world, with its volume shares."""
+        defs = scenario_defs(self.num_scenarios)
+        if self.scenario_shares is None:
+            return defs
+        return [dataclasses.replace(d, share=x) for d, x in zip(defs, self.scenario_shares)]
 
     @property
     def num_blocks(self) -> int:
         return math.ceil(self.users / self.block_users)
 
     def schema(self) -> DataSchema:
-        return synthetic_schema(self.num_scenarios, self.days, self.start_ts)
+        return synthetic_schema(self.num_scenarios, self.days, self.start_ts, self.valid_days, self.test_days)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,10 +311,12 @@ def _behaviour_features(num_scenarios: int, with_amount: bool) -> list[Feature]:
     return feats
 
 
-def synthetic_schema(num_scenarios: int = 3, days: int = 14, start_ts: int = START_TS) -> DataSchema:
+def synthetic_schema(num_scenarios: int = 3, days: int = 14, start_ts: int = START_TS, valid_days: int = 1,
+                     test_days: int = 1) -> DataSchema:
     """The DataSchema of a synthetic world (the packaged ``synthetic.yaml`` is the default).
 
-    Split: the last exposure day is test, the day before it valid, the rest train.
+    Split: the last ``test_days`` exposure days are test, the ``valid_days`` before them valid,
+    the rest train.
     """
     scenarios = []
     for d in scenario_defs(num_scenarios):
@@ -278,7 +328,8 @@ def synthetic_schema(num_scenarios: int = 3, days: int = 14, start_ts: int = STA
         user_column="user_id",
         time=TimeSpec(column="ts", unit="s"),
         window=DAY,
-        split=SplitSpec(valid_start=start_ts + (days - 2) * DAY, test_start=start_ts + (days - 1) * DAY),
+        split=SplitSpec(valid_start=start_ts + (days - test_days - valid_days) * DAY,
+                        test_start=start_ts + (days - test_days) * DAY),
         scenarios=scenarios,
         history=[
             SequenceSpec(name="orders", table="orders", features=_behaviour_features(num_scenarios, True),
@@ -293,10 +344,63 @@ def synthetic_schema(num_scenarios: int = 3, days: int = 14, start_ts: int = STA
     )
 
 
-def schema_yaml(schema: DataSchema) -> str:
-    """Readable YAML of a schema (unset fields left out); loads back to an equal schema."""
+def schema_yaml(schema: DataSchema, header: str | None = None) -> str:
+    """Readable YAML of a schema (unset fields left out); loads back to an equal schema.
+
+    ``header``: the comment block on top (default: the packaged file's; see :func:`world_header`)."""
     body = yaml.safe_dump(schema.model_dump(mode="json", exclude_none=True), sort_keys=False)
-    return _YAML_HEADER + body
+    return (_YAML_HEADER if header is None else header) + body
+
+
+
+
+def _number(x: float) -> str:
+    text = repr(float(x))  # the shortest text that reads back to the same float
+    return text[:-2] if text.endswith(".0") else text
+
+
+def world_flags(config: SyntheticConfig, split: bool = True) -> str:
+    """The world's knobs as command-line flags, each explicit, so the command reproduces the world
+    (``--scenario-shares`` only when given: the default shares come from the scenario kinds;
+    ``split`` False leaves out the split days, for a command whose ``--schema`` has its own split)."""
+    shares = "" if config.scenario_shares is None else (
+        " --scenario-shares " + ",".join(_number(x) for x in config.scenario_shares))
+    days = f" --valid-days {config.valid_days} --test-days {config.test_days}" if split else ""
+    return (f"--users {config.users} --seed {config.seed} --num-scenarios {config.num_scenarios}{shares} "
+            f"--days {config.days}{days}")
+
+
+def _day(ts: int) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).date().isoformat()
+
+
+def _split_text(config: SyntheticConfig, schema: DataSchema) -> str:
+    """The schema's split in days of the world (or as written, when it is not in days)."""
+    split, first, end = schema.split, config.start_ts, config.start_ts + config.days * DAY
+    v, t = split.valid_start, split.test_start
+    if not all(isinstance(x, int) and (x - first) % DAY == 0 and first < x < end for x in (v, t)) or v > t:
+        return "split: as the schema's split section says (" + ", ".join(
+            f"{k} {x}" for k, x in split.model_dump(exclude_none=True).items()) + ")"
+    days = lambda a, b: f"{_day(a)}" + (f" .. {_day(b - DAY)}" if b - a > DAY else "") + f" ({(b - a) // DAY} day{'s' if b - a > DAY else ''})"
+    return f"split: train {days(first, v)}, valid {days(v, t)}, test {days(t, end)}"
+
+
+def world_header(config: SyntheticConfig, schema: DataSchema | None = None, command: str | None = None) -> str:
+    """The comment block on top of a generated world's schema file: the world it belongs to
+    (users, scenarios with their volume shares, days, split days, seed) and the command that made it."""
+    schema = config.schema() if schema is None else schema
+    shares = ", ".join(f"{d.name} {x:.4g}" for d, x in zip(config.scenario_defs(), config.shares))
+    command = command or f"mtfm prepare --source synthetic {world_flags(config)} --out DIR"
+    lines = [
+        f"{WORLD_HEADER_MARK} (generated with its true probabilities, so the oracle is known):",
+        f"#   users {config.users:,}, seed {config.seed}",
+        f"#   {config.num_scenarios} scenario(s), share of the exposure volume: {shares}",
+        f"#   {config.days} exposure days from {_day(config.start_ts)} (after {config.history_days} behaviour-only days)",
+        f"#   {_split_text(config, schema)}",
+        f"#   made by: {command}",
+        "#   every other generation setting: manifest.json source.config (or synthetic.json beside the tables)",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 _YAML_HEADER = (
@@ -1121,7 +1225,7 @@ def _generate_block(cfg: SyntheticConfig, defs: list[ScenarioDef], catalogs: lis
 
 
 def _blocks(cfg: SyntheticConfig, blocks: range) -> list[dict[str, pl.DataFrame]]:
-    defs = scenario_defs(cfg.num_scenarios)
+    defs = cfg.scenario_defs()
     catalogs = _build_catalogs(cfg)
     return [_generate_block(cfg, defs, catalogs, b) for b in blocks]
 
@@ -1167,7 +1271,7 @@ def write_parquet(config: SyntheticConfig, out_dir: str | Path, users_per_chunk:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_chunk = users_per_chunk // config.block_users
-    defs = scenario_defs(config.num_scenarios)
+    defs = config.scenario_defs()
     catalogs = _build_catalogs(config)
     files: dict[str, list[Path]] = {}
     rows: dict[str, int] = {}
@@ -1182,7 +1286,10 @@ def write_parquet(config: SyntheticConfig, out_dir: str | Path, users_per_chunk:
             files.setdefault(name, []).append(path)
             rows[name] = rows.get(name, 0) + df.height
     schema_path = out / "schema.yaml"
-    schema_path.write_text(schema_yaml(config.schema()))
+    command = f"python -m mtfm.data.sources.synthetic {world_flags(config)}" + (
+        f" --block-users {config.block_users}" if config.block_users != SyntheticConfig().block_users else "") + (
+        f" --out {out}")
+    schema_path.write_text(schema_yaml(config.schema(), world_header(config, command=command)))
     (out / "synthetic.json").write_text(config.model_dump_json(indent=2))
     return ParquetWorld(out, schema_path, files, rows)
 
@@ -1243,32 +1350,73 @@ def check_compatible(schema: DataSchema, tables: dict[str, pl.DataFrame], source
         raise SchemaError("schema is not compatible with the synthetic source:\n  " + "\n  ".join(problems))
 
 
-def load_source(path: str | None, schema: DataSchema | None, users: int | None, seed: int) -> RawTables:
+# The world's knobs as `mtfm prepare` names them (for errors that name the flag).
+WORLD_FLAGS = {"users": "--users", "seed": "--seed", "num_scenarios": "--num-scenarios",
+               "scenario_shares": "--scenario-shares", "days": "--days", "valid_days": "--valid-days",
+               "test_days": "--test-days"}
+
+
+def _config_error(err: ValidationError) -> ValueError:
+    problems = []
+    for e in err.errors():
+        field_name = str(e["loc"][0]) if e["loc"] else ""
+        where = f"{WORLD_FLAGS[field_name]}: " if field_name in WORLD_FLAGS else (f"{field_name}: " if field_name else "")
+        problems.append(where + e["msg"].removeprefix("Value error, "))
+    return ValueError("synthetic source: invalid world: " + "; ".join(problems))
+
+
+def load_source(path: str | None, schema: DataSchema | None, users: int | None, seed: int, *,
+                num_scenarios: int | None = None, scenario_shares: tuple[float, ...] | None = None,
+                days: int | None = None, valid_days: int | None = None, test_days: int | None = None,
+                other_flags: str = "--out DIR") -> RawTables:
     """Source protocol (see :mod:`mtfm.data.raw`): generate a world for ``schema``.
 
-    ``schema`` None means the packaged ``synthetic.yaml``; a given schema may name any
-    subset of the generated scenarios and columns (e.g. ``restrict(["SQS"])``), but every
-    table and column it names must exist with a compatible dtype.
+    ``schema`` None means the packaged ``synthetic.yaml``, or the generated schema of the world
+    the keyword knobs describe (``mtfm prepare --num-scenarios --scenario-shares --days
+    --valid-days --test-days``; see :class:`SyntheticConfig`). A given schema may name any
+    subset of the generated scenarios and columns (e.g. ``restrict(["SQS"])``), but every table
+    and column it names must exist with a compatible dtype; its split is its own, so
+    ``valid_days`` / ``test_days`` may not come with it. The returned tables carry
+    ``schema.yaml`` (the schema under :func:`world_header`), which ``prepare`` writes beside the
+    manifest; its header names the command ``mtfm prepare --source synthetic`` with every knob
+    as resolved, followed by ``other_flags``.
     """
     if path is not None:
         raise ValueError(f"synthetic source: generates its data and reads no path, but got path={path!r}; "
                          "to write a world to files use mtfm.data.sources.synthetic.write_parquet")
-    schema = load_packaged_schema() if schema is None else schema
+    knobs = {"num_scenarios": num_scenarios, "scenario_shares": scenario_shares, "days": days,
+             "valid_days": valid_days, "test_days": test_days}
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+    own_split = schema is not None  # the schema's split, not the generated one's
+    if schema is not None:
+        given = [WORLD_FLAGS[k] for k in ("valid_days", "test_days") if k in knobs]
+        if given:
+            raise ValueError(f"synthetic source: {' and '.join(given)} set the split of the generated schema, but "
+                             "--schema brings its own (split.valid_start / test_start); drop one of them")
+        needed = _num_scenarios_for(schema)
+        if knobs.get("num_scenarios", needed) < needed:
+            raise ValueError(f"synthetic source: --num-scenarios {knobs['num_scenarios']} generates too few scenarios "
+                             f"for the schema, which names {schema.scenario_names} (needs {needed})")
+        knobs.setdefault("num_scenarios", needed)
     try:
-        config = SyntheticConfig(users=DEFAULT_USERS if users is None else users, seed=seed,
-                                 num_scenarios=_num_scenarios_for(schema))
+        config = SyntheticConfig(users=DEFAULT_USERS if users is None else users, seed=seed, **knobs)
     except ValidationError as err:
-        raise ValueError(f"synthetic source: invalid arguments: {err}") from None
+        raise _config_error(err) from None
+    if schema is None:
+        schema = load_packaged_schema() if config.schema() == synthetic_schema() else config.schema()
     split, clock = schema.split, _Clock.of(config)
     for name, at in (("valid_start", split.valid_start), ("test_start", split.test_start)):
         if at is not None and not clock.start < at < clock.end:
             raise SchemaError(f"synthetic source: split.{name}={at} lies outside the exposure days "
-                              f"[{clock.start}, {clock.end}) of the synthetic world")
+                              f"[{clock.start}, {clock.end}) of the synthetic world (--days {config.days})")
     raw = generate(config)
     check_compatible(schema, raw.tables)
     names = [s.table for s in schema.scenarios] + [q.table for q in (*schema.history, *schema.realtime)]
     tables = {n: raw.tables[n] for n in dict.fromkeys(names)}
-    return RawTables(schema=schema, tables=tables, origins={n: raw.origins[n] for n in tables}, info=raw.info)
+    flags = world_flags(config, split=not own_split)
+    header = world_header(config, schema, f"mtfm prepare --source synthetic {flags} {other_flags}")
+    return RawTables(schema=schema, tables=tables, origins={n: raw.origins[n] for n in tables}, info=raw.info,
+                     files={"schema.yaml": schema_yaml(schema, header)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -1301,19 +1449,32 @@ def oracle_summary(raw: RawTables, since: int | None = None) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
+def _shares_arg(text: str) -> tuple[float, ...]:
+    """``"0.5,0.3,0.2"`` -> floats (argparse type of ``--scenario-shares``)."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m mtfm.data.sources.synthetic``: write a world to Parquet, or generate and summarise."""
     parser = argparse.ArgumentParser(prog="python -m mtfm.data.sources.synthetic", description=main.__doc__)
     parser.add_argument("--users", type=int, default=DEFAULT_USERS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--days", type=int, default=14)
+    parser.add_argument("--valid-days", type=int, default=1)
+    parser.add_argument("--test-days", type=int, default=1)
     parser.add_argument("--num-scenarios", type=int, default=3)
+    parser.add_argument("--scenario-shares", type=_shares_arg, default=None, metavar="A,B,...",
+                        help="relative exposure volume per scenario (normalised); default 8,7,1 (+3 per generic)")
     parser.add_argument("--block-users", type=int, default=8192)
     parser.add_argument("--out", help="write Parquet here (streamed by chunk) instead of generating in memory")
     parser.add_argument("--users-per-chunk", type=int, default=65_536, help="with --out; multiple of --block-users")
     args = parser.parse_args(argv)
     try:
         cfg = SyntheticConfig(users=args.users, seed=args.seed, days=args.days, num_scenarios=args.num_scenarios,
+                              valid_days=args.valid_days, test_days=args.test_days, scenario_shares=args.scenario_shares,
                               block_users=args.block_users)
     except ValidationError as err:
         parser.error(str(err))
