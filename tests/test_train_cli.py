@@ -192,7 +192,8 @@ def test_select_chooses_the_snapshots_by_the_named_metrics_and_is_recorded(world
     data, model = world
     run = tmp_path / "run"
     assert _train(data, run, model, "--epochs", "1", "--select", "auc", "--select", "SQS=logloss@ctr") == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[0])["select"] == "auc,SQS=logloss@ctr"
+    summary = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("{"))
+    assert json.loads(summary)["select"] == "auc,SQS=logloss@ctr"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["select"] == "auc,SQS=logloss@ctr"
     h = metrics["history"][0]
