@@ -62,8 +62,8 @@ def make_world(users: int, boost: float, seed: int, out: Path) -> None:
     pl.DataFrame(exposures, schema=["user_id", "ts", "cuisine", "item_id", "click", "p_click"],
                  orient="row").write_parquet(out / "exposures.parquet")
     pl.DataFrame(clicks, schema=["user_id", "ts", "cuisine", "item_id"], orient="row").write_parquet(out / "clicks.parquet")
-    features = [{"kind": "categorical", "name": "cuisine", "num_embeddings": CUISINES},
-                {"kind": "categorical", "name": "item_id", "num_embeddings": 1000}]
+    features = [{"kind": "categorical", "name": "cuisine", "num_embeddings": CUISINES, "share": "cuisine"},
+                {"kind": "categorical", "name": "item_id", "num_embeddings": 1000, "share": "item_id"}]
     schema = {"user_column": "user_id", "time": {"column": "ts", "unit": "s"}, "window": DAY,
               "split": {"valid_start": START + (DAYS - 2) * DAY, "test_start": START + (DAYS - 1) * DAY},
               "scenarios": [{"name": "S", "table": "exposures", "item_features": features,

@@ -87,6 +87,12 @@ class ModelConfig(BaseModel):
         default=False,
         description="ADDITION (not in the paper): learned bias per head and log2 time-gap bucket, as in HSTU",
     )
+    similarity_init: bool = Field(
+        default=False,
+        description="ADDITION (not in the paper; initial weights only): tokenizers start as one MLP over shared "
+        "tables, queries start equal to keys and the gate U to the values, so target attention starts by "
+        "matching alike tokens (a recent click on the exposure's own cuisine); see mtfm.model.init",
+    )
     time_bias_buckets: int = Field(default=32, gt=1, description="bucket = min(floor(log2(1 + |dt|)), buckets - 1)")
     time_bias_init: Literal["zero", "horizons"] = Field(
         default="zero",
@@ -98,6 +104,14 @@ class ModelConfig(BaseModel):
     )
     time_bias_shortest_horizon_s: float = Field(
         default=3600.0, gt=0, description="horizons init: the time gap the most recent-focused head sees up to"
+    )
+    time_bias_self_init: float = Field(
+        default=0.0,
+        le=0.0,
+        description="initial time bias of gap bucket 0 (a gap under one time unit): in practice a token's own key, "
+        "the only key a T-token sees at gap 0 (R keys are strictly earlier). Negative starts every head (nearly) "
+        "blind to itself, e.g. -6: SiLU(-6) = -0.015. Why: a T-token's own key is its best query-key match, so "
+        "in every head its own value drowns the one recent action that matches it (BENCHMARKS.md, issue 10)",
     )
     relative_position_bias: bool = Field(
         default=False,

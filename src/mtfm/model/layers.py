@@ -135,6 +135,7 @@ def _initial_time_bias(config: ModelConfig) -> Tensor:
         horizons = torch.linspace(buckets - 1, shortest, heads)
         beyond = torch.arange(buckets, dtype=torch.float32)[None, :] - horizons[:, None]
         bias -= HORIZON_DECAY * beyond.clamp(min=0)
+    bias[:, 0] = config.time_bias_self_init
     return bias
 
 

@@ -34,6 +34,7 @@ from mtfm.model.config import ModelConfig
 from mtfm.model.embedding import FeatureEmbeddings, check_columns, describe_field
 from mtfm.model.heads import MMoE
 from mtfm.model.hta import HTAStack, TokenGroups
+from mtfm.model.init import similarity_init
 from mtfm.model.layers import MLP, GroupLayerNorm
 from mtfm.model.loss import masked_bce_loss, masked_bce_terms
 
@@ -225,6 +226,14 @@ class MTFM(MTFMBase):
         final_norm = GroupLayerNorm(target_groups, config.d_model, config.layer_norm_eps) if config.final_norm else None
         head = MMoE(config, {s.name: s.task_names for s in schema.scenarios})
         super().__init__(schema, config, embeddings, history, realtime, scenarios, stack, final_norm, head)
+        if config.similarity_init:
+            tokenizers = [(history[s.name], [f"H:{s.name}"]) for s in schema.history]
+            tokenizers += [(realtime[s.name], [f"R:{s.name}"]) for s in schema.realtime]
+            tokenizers += [
+                (scenarios[sc.name], [f for f in (f"T:{sc.name}:{p}" for p in _PARTS) if f in fields])
+                for sc in schema.scenarios
+            ]
+            similarity_init(self, tokenizers)
 
     def scenario_subgraph(self, name: str) -> "ScenarioSubgraph":
         """The inference path of scenario ``name``, sharing this model's weights."""
