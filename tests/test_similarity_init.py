@@ -44,19 +44,49 @@ def test_queries_start_as_keys_and_gates_as_values_per_kv_group(heads, groups):
     assert plain.state_dict().keys() == model.state_dict().keys()  # initial values only: same parameters
 
 
+def _direction(block: torch.Tensor) -> torch.Tensor:
+    return block.flatten() / block.norm()
+
+
 def test_tokenizers_start_as_one_mlp_over_shared_tables_with_zero_biases():
+    torch.manual_seed(0)
     model = MTFM(tiny_schema(), tiny_config(similarity_init=True))
     emb = model.embeddings
     # R:recent = [item_id (4), tags (4)]; T:feed = user [age (4)] + cross [distance (2)] + item [item_id (4), tags (4)]
     recent, feed = model.realtime_tokenizers["recent"], model.scenario_tokenizers["feed"]
     assert emb.table_of[("R:recent", "item_id")] == emb.table_of[("T:feed:item", "item_id")]
-    assert torch.equal(recent[0].weight[:, 0:8], feed[0].weight[:, 6:14])
-    assert not torch.equal(recent[0].weight[:, 0:4], feed[0].weight[:, 0:4])  # age is not item_id
+    for r_cols, t_cols in ((slice(0, 4), slice(6, 10)), (slice(4, 8), slice(10, 14))):
+        cos = torch.dot(_direction(recent[0].weight[:, r_cols]), _direction(feed[0].weight[:, t_cols]))
+        assert cos > 1 - 1e-5  # one direction, scaled per tokenizer
+    assert abs(torch.dot(_direction(recent[0].weight[:, 0:4]), _direction(feed[0].weight[:, 0:4]))) < 0.5  # age
     assert torch.equal(recent[-1].weight, feed[-1].weight)
     for mlp in [*model.history_tokenizers.values(), *model.realtime_tokenizers.values(), *model.scenario_tokenizers.values()]:
         for layer in mlp:
             if isinstance(layer, torch.nn.Linear):
                 assert torch.count_nonzero(layer.bias) == 0
+
+
+@torch.no_grad()
+def test_link_features_carry_half_of_a_t_tokens_initial_variance():
+    """feed's item_id and tags (tables shared with the sequences) against age and distance, which
+    without balancing would be ~1/300 and ~all of it (numeric encoders output values of order 1)."""
+    torch.manual_seed(0)
+    model = MTFM(tiny_schema(), tiny_config(similarity_init=True, tokenizer_hidden=[256]))
+    emb, first = model.embeddings, model.scenario_tokenizers["feed"][0].weight
+    age_var = emb.tables[emb.table_of[("T:feed:user", "age")]].weight.var()
+    item_var = emb.tables[emb.table_of[("T:feed:item", "item_id")]].weight.var()
+    tags_var = emb.tables[emb.table_of[("T:feed:item", "tags")]].weight.var()
+    enc = emb.numeric["T_feed_cross__distance"]
+    distance_var = (enc.weight.squeeze(1) ** 2 + enc.bias**2)
+    contribution = {
+        "age": (first[:, 0:4] ** 2).sum(1).mean() * age_var,
+        "distance": ((first[:, 4:6] ** 2) * distance_var).sum(1).mean(),
+        "item_id": (first[:, 6:10] ** 2).sum(1).mean() * item_var,
+        "tags": (first[:, 10:14] ** 2).sum(1).mean() * tags_var,
+    }
+    assert float(contribution["item_id"] + contribution["tags"]) == pytest.approx(0.5, rel=0.2)
+    assert float(contribution["age"]) == pytest.approx(0.25, rel=0.25)
+    assert float(contribution["distance"]) == pytest.approx(0.25, rel=0.25)
 
 
 def _scores(model: MTFM, same: bool, n: int = 256) -> torch.Tensor:
