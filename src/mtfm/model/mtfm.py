@@ -41,6 +41,11 @@ from mtfm.model.loss import masked_bce_loss, masked_bce_terms
 _PARTS = ("user", "cross", "item")
 
 
+def _scenario_fields(scenario: str, fields: dict[str, list]) -> list[str]:
+    """The embedding fields a scenario's tokenizer reads, in concatenation order (parts without features left out)."""
+    return [f for f in (f"T:{scenario}:{p}" for p in _PARTS) if f in fields]
+
+
 @dataclass
 class ModelOutput:
     """What one forward pass returns.
@@ -218,7 +223,7 @@ class MTFM(MTFMBase):
         realtime = nn.ModuleDict({s.name: tokenizer(embeddings.out_dim(f"R:{s.name}")) for s in schema.realtime})
         scenarios = nn.ModuleDict()
         for sc in schema.scenarios:
-            width = sum(embeddings.out_dim(f) for f in (f"T:{sc.name}:{p}" for p in _PARTS) if f in fields)
+            width = sum(embeddings.out_dim(f) for f in _scenario_fields(sc.name, fields))
             scenarios[sc.name] = tokenizer(width)
         groups = schema.token_groups()
         target_groups = [f"T:{s}" for s in schema.scenario_names]
@@ -230,7 +235,7 @@ class MTFM(MTFMBase):
             tokenizers = [(history[s.name], [f"H:{s.name}"]) for s in schema.history]
             tokenizers += [(realtime[s.name], [f"R:{s.name}"]) for s in schema.realtime]
             tokenizers += [
-                (scenarios[sc.name], [f for f in (f"T:{sc.name}:{p}" for p in _PARTS) if f in fields])
+                (scenarios[sc.name], _scenario_fields(sc.name, fields))
                 for sc in schema.scenarios
             ]
             similarity_init(self, tokenizers)
