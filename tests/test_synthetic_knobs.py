@@ -152,3 +152,63 @@ def test_the_generator_command_line_takes_the_knobs_and_writes_the_header(tmp_pa
             f"--scenario-shares 3,1 --days 5 --valid-days 2 --test-days 1 --out {out}") in header
     assert json.loads((out / "synthetic.json").read_text())["scenario_shares"] == [3.0, 1.0]
     assert load_schema(out / "schema.yaml") == synthetic_schema(2, days=5, valid_days=2)
+
+
+# ---- --history-days, --history-max-len, --realtime-max-len (issue 13: long histories) ---------------
+
+
+def _world_hash(config: SyntheticConfig) -> str:
+    """A digest of every generated table (ndjson text: the lists of multi-valued columns included)."""
+    import hashlib
+
+    from mtfm.data.sources.synthetic import generate
+
+    raw = generate(config)
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(raw.tables):
+        h.update(name.encode())
+        h.update(raw.tables[name].write_ndjson().encode())
+    return h.hexdigest()
+
+
+def test_the_behaviour_knobs_at_their_defaults_leave_the_world_unchanged():
+    from mtfm.data.sources.synthetic import HISTORY_MAX_LEN, REALTIME_MAX_LEN, load_packaged_schema, world_flags
+
+    explicit = SyntheticConfig(users=40, days=4, history_days=14, history_max_len=HISTORY_MAX_LEN,
+                               realtime_max_len=REALTIME_MAX_LEN)
+    # the digest of this world as generated before the knobs existed (commit 4247d3c); ndjson's number
+    # text is polars', so a polars upgrade that changes it would need a new digest, not a code fix
+    assert _world_hash(SyntheticConfig(users=40, days=4)) == _world_hash(explicit) == "156f651268359db95467f10a7ff6e092"
+    assert SyntheticConfig().schema() == synthetic_schema() == load_packaged_schema()
+    assert "--history" not in world_flags(explicit) and "--realtime" not in world_flags(explicit)
+
+
+def test_long_history_knobs_set_the_caps_and_lengthen_the_sequences(tmp_path):
+    from mtfm.data.loader import BatchLoader
+
+    def hr_tokens(data) -> float:
+        batches = list(BatchLoader(data, "train", 64, shuffle=False, seed=0, prefetch=0).iterate(0))
+        return sum(b.num_tokens - b.num_exposures for b in batches) / sum(b.batch_size for b in batches)
+
+    assert _prepare(tmp_path / "short") == 0
+    flags = ["--history-days", "60", "--history-max-len", "200", "--realtime-max-len", "48"]
+    assert _prepare(tmp_path / "long", *flags) == 0
+    schema = read_manifest(tmp_path / "long").schema_obj
+    assert [q.max_len for q in schema.history] == [200, 200] and [q.max_len for q in schema.realtime] == [48]
+    assert hr_tokens(tmp_path / "long") > 2 * hr_tokens(tmp_path / "short")
+    header = _header(tmp_path / "long" / "schema.yaml")
+    assert "after 60 behaviour-only days" in "\n".join(header)
+    made_by = next(line for line in header if "made by:" in line).split("made by: ", 1)[1]
+    assert made_by.endswith(" ".join(flags) + f" --out {tmp_path / 'long'}")
+    again = shlex.split(made_by.replace(str(tmp_path / "long"), str(tmp_path / "again")))
+    assert main([*again[1:], "--quiet"]) == 0
+    assert (read_manifest(tmp_path / "again").source["config"] == read_manifest(tmp_path / "long").source["config"])
+
+
+def test_sequence_caps_are_refused_with_a_schema_and_checked(tmp_path, capsys):
+    schema = tmp_path / "schema.yaml"
+    schema.write_text(schema_yaml(synthetic_schema(3)))
+    assert _prepare(tmp_path / "y", "--schema", str(schema), "--history-max-len", "100") == 2
+    assert "--history-max-len set the sequence caps of the generated schema" in capsys.readouterr().err
+    assert _prepare(tmp_path / "z", "--realtime-max-len", "0") == 2
+    assert "--realtime-max-len" in capsys.readouterr().err

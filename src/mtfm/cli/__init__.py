@@ -20,6 +20,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mtfm.cli.serve",
     "mtfm.cli.diagnose",
     "mtfm.cli.demo",
+    "mtfm.cli.bench",
 )
 
 

@@ -96,7 +96,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                             "scenario; normalised, so 8,7,1 and 0.5,0.4375,0.0625 are the same (default 8,7,1 for "
                             "HP, PHF, SQS and 3 per generic scenario)")
     world.add_argument("--days", metavar="D", type=int, default=None,
-                       help="exposure days (default 14; 3 to 180), after 14 behaviour-only days")
+                       help="exposure days (default 14; 3 to 180), after --history-days behaviour-only days")
+    world.add_argument("--history-days", metavar="H", type=int, default=None,
+                       help="behaviour-only days before the first exposure day (default 14; 1 to 365); more days "
+                            "give users longer behaviour logs")
+    world.add_argument("--history-max-len", metavar="N", type=int, default=None,
+                       help="cap of each history sequence type, orders and clicks (default 64; not with --schema, "
+                            "whose sequences are its own)")
+    world.add_argument("--realtime-max-len", metavar="N", type=int, default=None,
+                       help="cap of the real-time sequence recent_clicks (default 32; not with --schema)")
     world.add_argument("--valid-days", metavar="V", type=int, default=None,
                        help="the days before the test days that form the valid split (default 1; not with --schema, "
                             "whose split is its own)")
@@ -128,7 +136,8 @@ def _shares(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected positive numbers separated by commas, got {text!r}") from None
 
 
-WORLD_KNOBS = ("num_scenarios", "scenario_shares", "days", "valid_days", "test_days")
+WORLD_KNOBS = ("num_scenarios", "scenario_shares", "days", "valid_days", "test_days", "history_days",
+               "history_max_len", "realtime_max_len")
 
 
 def _world_options(args: argparse.Namespace) -> dict:

@@ -177,6 +177,12 @@ class SyntheticConfig(BaseModel):
         "need not sum to 1 (8,7,1 means 0.5,0.4375,0.0625); None: 8 : 7 : 1 for HP, PHF, SQS and 3 per generic one",
     )
     history_days: int = Field(default=14, ge=1, le=365, description="behaviour-only pre-period before day 0")
+    history_max_len: int = Field(
+        default=HISTORY_MAX_LEN, ge=1, le=8192,
+        description="max_len of each history sequence type (orders, clicks) in the generated schema; with a longer "
+        "history_days a user has hundreds of actions, which only a larger cap lets the model see")
+    realtime_max_len: int = Field(default=REALTIME_MAX_LEN, ge=1, le=8192,
+                                  description="max_len of the real-time sequence (recent_clicks) in the generated schema")
     exposures_per_active_day: float = Field(default=12.0, gt=0, le=150, description="mean over active user-days")
     num_scenarios: int = Field(default=3, ge=1, le=64)
     block_users: int = Field(default=8192, gt=0, description="users per independently seeded block")
@@ -227,7 +233,8 @@ class SyntheticConfig(BaseModel):
         return math.ceil(self.users / self.block_users)
 
     def schema(self) -> DataSchema:
-        return synthetic_schema(self.num_scenarios, self.days, self.start_ts, self.valid_days, self.test_days)
+        return synthetic_schema(self.num_scenarios, self.days, self.start_ts, self.valid_days, self.test_days,
+                                self.history_max_len, self.realtime_max_len)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,11 +319,12 @@ def _behaviour_features(num_scenarios: int, with_amount: bool) -> list[Feature]:
 
 
 def synthetic_schema(num_scenarios: int = 3, days: int = 14, start_ts: int = START_TS, valid_days: int = 1,
-                     test_days: int = 1) -> DataSchema:
+                     test_days: int = 1, history_max_len: int = HISTORY_MAX_LEN,
+                     realtime_max_len: int = REALTIME_MAX_LEN) -> DataSchema:
     """The DataSchema of a synthetic world (the packaged ``synthetic.yaml`` is the default).
 
     Split: the last ``test_days`` exposure days are test, the ``valid_days`` before them valid,
-    the rest train.
+    the rest train. ``history_max_len`` caps each history type, ``realtime_max_len`` the real-time type.
     """
     scenarios = []
     for d in scenario_defs(num_scenarios):
@@ -333,13 +341,13 @@ def synthetic_schema(num_scenarios: int = 3, days: int = 14, start_ts: int = STA
         scenarios=scenarios,
         history=[
             SequenceSpec(name="orders", table="orders", features=_behaviour_features(num_scenarios, True),
-                         max_len=HISTORY_MAX_LEN),
+                         max_len=history_max_len),
             SequenceSpec(name="clicks", table="clicks", features=_behaviour_features(num_scenarios, False),
-                         max_len=HISTORY_MAX_LEN),
+                         max_len=history_max_len),
         ],
         realtime=[
             SequenceSpec(name="recent_clicks", table="clicks", features=_behaviour_features(num_scenarios, False),
-                         max_len=REALTIME_MAX_LEN),
+                         max_len=realtime_max_len),
         ],
     )
 
@@ -362,12 +370,21 @@ def _number(x: float) -> str:
 def world_flags(config: SyntheticConfig, split: bool = True) -> str:
     """The world's knobs as command-line flags, each explicit, so the command reproduces the world
     (``--scenario-shares`` only when given: the default shares come from the scenario kinds;
-    ``split`` False leaves out the split days, for a command whose ``--schema`` has its own split)."""
+    ``--history-days`` and the sequence caps only when not the defaults, so the command of a world
+    made before those flags existed reads as it did; ``split`` False leaves out the split days, for
+    a command whose ``--schema`` has its own split)."""
     shares = "" if config.scenario_shares is None else (
         " --scenario-shares " + ",".join(_number(x) for x in config.scenario_shares))
     days = f" --valid-days {config.valid_days} --test-days {config.test_days}" if split else ""
     return (f"--users {config.users} --seed {config.seed} --num-scenarios {config.num_scenarios}{shares} "
-            f"--days {config.days}{days}")
+            f"--days {config.days}{days}{_behaviour_flags(config)}")
+
+
+def _behaviour_flags(config: SyntheticConfig) -> str:
+    """``--history-days`` / ``--history-max-len`` / ``--realtime-max-len`` where they differ from the defaults."""
+    defaults = SyntheticConfig.model_fields
+    return "".join(f" {WORLD_FLAGS[k]} {getattr(config, k)}" for k in BEHAVIOUR_KNOBS
+                   if getattr(config, k) != defaults[k].default)
 
 
 def _day(ts: int) -> str:
@@ -1353,7 +1370,11 @@ def check_compatible(schema: DataSchema, tables: dict[str, pl.DataFrame], source
 # The world's knobs as `mtfm prepare` names them (for errors that name the flag).
 WORLD_FLAGS = {"users": "--users", "seed": "--seed", "num_scenarios": "--num-scenarios",
                "scenario_shares": "--scenario-shares", "days": "--days", "valid_days": "--valid-days",
-               "test_days": "--test-days"}
+               "test_days": "--test-days", "history_days": "--history-days",
+               "history_max_len": "--history-max-len", "realtime_max_len": "--realtime-max-len"}
+# Knobs of the behaviour log and the sequence caps (long histories for the HTA ablation, issue 13).
+BEHAVIOUR_KNOBS = ("history_days", "history_max_len", "realtime_max_len")
+SCHEMA_KNOBS = ("history_max_len", "realtime_max_len")  # they shape the generated schema, as the split days do
 
 
 def _config_error(err: ValidationError) -> ValueError:
@@ -1368,12 +1389,14 @@ def _config_error(err: ValidationError) -> ValueError:
 def load_source(path: str | None, schema: DataSchema | None, users: int | None, seed: int, *,
                 num_scenarios: int | None = None, scenario_shares: tuple[float, ...] | None = None,
                 days: int | None = None, valid_days: int | None = None, test_days: int | None = None,
-                other_flags: str = "--out DIR") -> RawTables:
+                history_days: int | None = None, history_max_len: int | None = None,
+                realtime_max_len: int | None = None, other_flags: str = "--out DIR") -> RawTables:
     """Source protocol (see :mod:`mtfm.data.raw`): generate a world for ``schema``.
 
     ``schema`` None means the packaged ``synthetic.yaml``, or the generated schema of the world
     the keyword knobs describe (``mtfm prepare --num-scenarios --scenario-shares --days
-    --valid-days --test-days``; see :class:`SyntheticConfig`). A given schema may name any
+    --valid-days --test-days --history-days --history-max-len --realtime-max-len``; see
+    :class:`SyntheticConfig`); the sequence caps, like the split days, may not come with a schema. A given schema may name any
     subset of the generated scenarios and columns (e.g. ``restrict(["SQS"])``), but every table
     and column it names must exist with a compatible dtype; its split is its own, so
     ``valid_days`` / ``test_days`` may not come with it. The returned tables carry
@@ -1385,7 +1408,8 @@ def load_source(path: str | None, schema: DataSchema | None, users: int | None, 
         raise ValueError(f"synthetic source: generates its data and reads no path, but got path={path!r}; "
                          "to write a world to files use mtfm.data.sources.synthetic.write_parquet")
     knobs = {"num_scenarios": num_scenarios, "scenario_shares": scenario_shares, "days": days,
-             "valid_days": valid_days, "test_days": test_days}
+             "valid_days": valid_days, "test_days": test_days, "history_days": history_days,
+             "history_max_len": history_max_len, "realtime_max_len": realtime_max_len}
     knobs = {k: v for k, v in knobs.items() if v is not None}
     own_split = schema is not None  # the schema's split, not the generated one's
     if schema is not None:
@@ -1393,6 +1417,10 @@ def load_source(path: str | None, schema: DataSchema | None, users: int | None, 
         if given:
             raise ValueError(f"synthetic source: {' and '.join(given)} set the split of the generated schema, but "
                              "--schema brings its own (split.valid_start / test_start); drop one of them")
+        caps = [WORLD_FLAGS[k] for k in SCHEMA_KNOBS if k in knobs]
+        if caps:
+            raise ValueError(f"synthetic source: {' and '.join(caps)} set the sequence caps of the generated schema, "
+                             "but --schema brings its own (history / realtime max_len); drop one of them")
         needed = _num_scenarios_for(schema)
         if knobs.get("num_scenarios", needed) < needed:
             raise ValueError(f"synthetic source: --num-scenarios {knobs['num_scenarios']} generates too few scenarios "
@@ -1468,6 +1496,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-scenarios", type=int, default=3)
     parser.add_argument("--scenario-shares", type=_shares_arg, default=None, metavar="A,B,...",
                         help="relative exposure volume per scenario (normalised); default 8,7,1 (+3 per generic)")
+    parser.add_argument("--history-days", type=int, default=14, help="behaviour-only days before the first exposure day")
+    parser.add_argument("--history-max-len", type=int, default=HISTORY_MAX_LEN, help="cap of each history type")
+    parser.add_argument("--realtime-max-len", type=int, default=REALTIME_MAX_LEN, help="cap of the real-time type")
     parser.add_argument("--block-users", type=int, default=8192)
     parser.add_argument("--out", help="write Parquet here (streamed by chunk) instead of generating in memory")
     parser.add_argument("--users-per-chunk", type=int, default=65_536, help="with --out; multiple of --block-users")
@@ -1475,7 +1506,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = SyntheticConfig(users=args.users, seed=args.seed, days=args.days, num_scenarios=args.num_scenarios,
                               valid_days=args.valid_days, test_days=args.test_days, scenario_shares=args.scenario_shares,
-                              block_users=args.block_users)
+                              history_days=args.history_days, history_max_len=args.history_max_len,
+                              realtime_max_len=args.realtime_max_len, block_users=args.block_users)
     except ValidationError as err:
         parser.error(str(err))
     start = time.perf_counter()
