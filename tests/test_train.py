@@ -91,7 +91,7 @@ def test_a_separate_embedding_optimizer_owns_exactly_the_embedding_weights(tmp_p
     torch.manual_seed(0)
     before = TinyRanker(SCHEMA).state_dict()
     result = _run(tmp_path, cfg)
-    from mtfm.train.trainer import make_optimizers
+    from mtfm.train.optim import make_optimizers
 
     opts = make_optimizers(result.model, cfg)
     assert isinstance(opts["embedding"], torch.optim.Adagrad) and opts["embedding"].param_groups[0]["lr"] == 0.05
@@ -168,7 +168,7 @@ def test_cpu_threads_leave_a_core_to_the_loader_unless_told_otherwise(monkeypatc
 def test_attention_biases_get_their_own_learning_rate_when_asked():
     from mtfm.model.mtfm import MTFM
     from mtfm.model.testing import tiny_config, tiny_schema as model_schema
-    from mtfm.train.trainer import make_optimizers
+    from mtfm.train.optim import make_optimizers
 
     model = MTFM(model_schema(), tiny_config(relative_time_bias=True, relative_position_bias=True))
     biases = {id(p) for n, p in model.named_parameters() if n.endswith(("time_bias", "position_bias"))}
@@ -178,3 +178,19 @@ def test_attention_biases_get_their_own_learning_rate_when_asked():
     assert {id(p) for p in fast["params"]} == biases and fast["lr"] == pytest.approx(3e-2)
     assert rest["lr"] == 1e-3 and not biases & {id(p) for p in rest["params"]}
     assert len(make_optimizers(model, TrainConfig(lr=1e-3))["dense"].param_groups) == 1  # unchanged by default
+
+
+@pytest.mark.parametrize("embedding_optimizer", ["adam", "adagrad"])
+def test_sparse_embedding_updates_train_and_resume_bit_identically(tmp_path, embedding_optimizer):
+    """Sparse lookups are switched on by the trainer, the tables move, and an interrupted run
+    resumes exactly (SparseAdam / sparse Adagrad state round-trips through the checkpoint)."""
+    cfg = TrainConfig(epochs=2, embedding_optimizer=embedding_optimizer, sparse_embedding_updates=True, **BASE)
+    torch.manual_seed(0)
+    before = TinyRanker(SCHEMA).state_dict()["item.weight"]
+    full = _run(tmp_path / "full", cfg)
+    assert full.model.item.sparse
+    assert not torch.equal(before, full.model.item.weight.detach())
+    with pytest.raises(Interrupt):
+        _run(tmp_path / "cut", cfg, hook=_interrupt_at(6))
+    resumed = _run(tmp_path / "cut", cfg, resume=True, init_seed=99)
+    _assert_same_run(full, resumed)

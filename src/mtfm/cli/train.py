@@ -67,6 +67,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate of the dense optimizer (default: the preset's)")
     p.add_argument("--embedding-lr", type=float, default=None,
                    help="learning rate of the embedding tables' own Adam (default: the preset's)")
+    p.add_argument("--sparse-embeddings", action="store_true",
+                   help="update only the embedding rows a batch touches (sparse gradients; the tables get their "
+                        "own optimizer: lazy Adam, or Adagrad when the config says adagrad)")
     p.add_argument("--select", metavar="SEL", action="append", default=None,
                    help="what selects the best snapshots and drives early stopping: gauc, auc or logloss, plus "
                         "per-scenario overrides SCENARIO[=METRIC][@TASK+TASK]; comma separated or repeated "
@@ -104,8 +107,10 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
             base["select"] = Selection.parse(args.select).model_dump()
         except SelectionError as err:
             raise SelectionError("--select: " + str(err).removeprefix("select: ")) from None
-    if args.embedding_lr is not None and base.get("embedding_optimizer", "shared") == "shared":
-        base["embedding_optimizer"] = "adam"  # an embedding lr needs the embeddings' own optimizer
+    if args.sparse_embeddings:
+        base["sparse_embedding_updates"] = True
+    if (args.embedding_lr is not None or args.sparse_embeddings) and base.get("embedding_optimizer", "shared") == "shared":
+        base["embedding_optimizer"] = "adam"  # an embedding lr or sparse updates need the embeddings' own optimizer
     if args.max_steps is not None and args.epochs is None:
         base["epochs"] = 1_000_000  # the step budget decides
     if args.bf16:

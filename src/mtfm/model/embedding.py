@@ -108,7 +108,8 @@ class FeatureEmbeddings(nn.Module):
                 values, offsets = features.multi[feat.name]
                 _check_bags(where, feat.name, values, offsets, num_rows)
                 _check_ids(where, feat.name, values, feat.cardinality)
-                parts.append(F.embedding_bag(values, table.weight, offsets, mode=feat.pooling, include_last_offset=True))
+                parts.append(F.embedding_bag(values, table.weight, offsets, mode=feat.pooling, include_last_offset=True,
+                                             sparse=table.sparse))
             else:
                 ids = features.categorical[feat.name]
                 _check_rows(where, feat.name, ids, num_rows)

@@ -54,6 +54,12 @@ class TrainConfig(BaseModel):
         "optimizer (with embedding_lr) for every nn.Embedding / nn.EmbeddingBag weight",
     )
     embedding_lr: float | None = Field(default=None, gt=0, description="None: the same as lr")
+    sparse_embedding_updates: bool = Field(
+        default=False,
+        description="embedding lookups give sparse gradients and the embedding optimizer updates only the rows a "
+        "batch touched (adagrad: the same math as dense; adam: lazy Adam, torch.optim.SparseAdam). Needs "
+        "embedding_optimizer adam or adagrad (mtfm.train.optim)",
+    )
     attention_bias_lr_scale: float = Field(
         default=1.0, gt=0,
         description="the attention's relative time / position biases learn at lr times this. Adam moves a "
@@ -91,6 +97,13 @@ class TrainConfig(BaseModel):
     def _betas_in_range(self) -> "TrainConfig":
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        return self
+
+    @model_validator(mode="after")
+    def _sparse_needs_own_optimizer(self) -> "TrainConfig":
+        if self.sparse_embedding_updates and self.embedding_optimizer == "shared":
+            raise ValueError("sparse_embedding_updates needs the embeddings' own optimizer: set embedding_optimizer "
+                             "to adam (lazy Adam) or adagrad; the shared dense optimizer cannot take sparse gradients")
         return self
 
     # Fields that may change between an interrupted run and its resumption: the budget and

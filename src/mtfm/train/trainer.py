@@ -40,6 +40,7 @@ from mtfm.train.checkpoint import CheckpointError, CheckpointManager, read_json,
 from mtfm.train.config import TrainConfig, cpu_threads, describe_mismatches, resume_mismatches
 from mtfm.train.distributed import DistContext, all_max_int, all_sum_floats, same_on_all_ranks
 from mtfm.train.evaluate import Metrics, compute_metrics, gather_predictions, mean_gauc, predict
+from mtfm.train.optim import clip_grad_norm, make_optimizers, use_sparse_embedding_gradients
 from mtfm.train.rundata import check_run_data, data_record
 
 
@@ -89,52 +90,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-
-
-def embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Weights of every nn.Embedding / nn.EmbeddingBag (each once, even if shared)."""
-    seen: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.weight.requires_grad:
-            seen.setdefault(id(module.weight), module.weight)
-    return list(seen.values())
-
-
-ATTENTION_BIAS_NAMES = ("time_bias", "position_bias")
-
-
-def _dense_groups(model: nn.Module, dense: list[nn.Parameter], cfg: TrainConfig) -> list[dict]:
-    """One param group, or two when the attention biases get their own lr (``attention_bias_lr_scale``)."""
-    if cfg.attention_bias_lr_scale == 1.0:
-        return [{"params": dense}]
-    bias_ids = {id(p) for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in ATTENTION_BIAS_NAMES}
-    groups = [{"params": [p for p in dense if id(p) not in bias_ids]}]
-    biases = [p for p in dense if id(p) in bias_ids]
-    if biases:
-        groups.append({"params": biases, "lr": cfg.lr * cfg.attention_bias_lr_scale})
-    return groups
-
-
-def make_optimizers(model: nn.Module, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
-    """``dense`` (Adam/AdamW), plus ``embedding`` when a separate embedding optimizer is asked for."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    emb = embedding_parameters(model) if cfg.embedding_optimizer != "shared" else []
-    emb_ids = {id(p) for p in emb}
-    dense = [p for p in params if id(p) not in emb_ids]
-    dense_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizers: dict[str, torch.optim.Optimizer] = {}
-    if dense:
-        optimizers["dense"] = dense_cls(_dense_groups(model, dense, cfg), lr=cfg.lr, betas=cfg.betas,
-                                        weight_decay=cfg.weight_decay)
-    if emb:
-        lr = cfg.embedding_lr or cfg.lr
-        if cfg.embedding_optimizer == "adagrad":
-            optimizers["embedding"] = torch.optim.Adagrad(emb, lr=lr)
-        else:
-            optimizers["embedding"] = torch.optim.Adam(emb, lr=lr, betas=cfg.betas)
-    if not optimizers:
-        raise ValueError("the model has no trainable parameters")
-    return optimizers
 
 
 class CsvLog:
@@ -236,6 +191,8 @@ class Trainer:
         self.run_dir, self.ctx = Path(run_dir), ctx
         self.run_config = {**run_config, "train": cfg.model_dump(mode="json")}
         self.step_hook = step_hook
+        if cfg.sparse_embedding_updates:  # before DDP wraps the model: its reducer sees the sparse gradients
+            use_sparse_embedding_gradients(model)
         self.wrapped: nn.Module = _LossForward(model)
         if ctx.initialized:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -287,7 +244,7 @@ class Trainer:
             loss = self.wrapped(batch)
         (loss * weight).backward()
         if self.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            clip_grad_norm(self.params, self.cfg.grad_clip)
         for opt in self.optimizers.values():
             opt.step()
         for opt in self.optimizers.values():
