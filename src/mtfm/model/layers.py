@@ -261,10 +261,9 @@ class TargetAttentionLayer(_HSTULayer):
         xn = self.gln_in(x_t, t_groups)
         u, q = self.project_uq(xn)
         k_t, v_t = self.project_kv(xn)
-        targets, context = layout.queries("target"), layout.context()
-        k = _scatter_rows(layout.num_tokens, (context.index, k_ctx), (targets.index, k_t))
-        v = _scatter_rows(layout.num_tokens, (context.index, v_ctx), (targets.index, v_t))
-        a = self._attend(q, k, v, targets, layout)
+        k = _in_token_order(layout, k_ctx, k_t)
+        v = _in_token_order(layout, v_ctx, v_t)
+        a = self._attend(q, k, v, layout.queries("target"), layout)
         return self._output(x_t, a, u, t_out_groups)
 
     def subset(self, groups: list[str], target_groups: list[str]) -> "TargetAttentionLayer":
@@ -273,13 +272,20 @@ class TargetAttentionLayer(_HSTULayer):
         return new
 
 
-def _scatter_rows(n: int, *parts: tuple[Tensor, Tensor]) -> Tensor:
-    """Rows of several tensors placed at their flat token positions (together they cover all ``n``)."""
-    first = parts[0][1]
-    out = first.new_zeros((n, *first.shape[1:]))
-    for index, rows in parts:
-        out = out.index_copy(0, index, rows.to(out.dtype))
-    return out
+def _in_token_order(layout: AttentionLayout, ctx_rows: Tensor, target_rows: Tensor) -> Tensor:
+    """The context tokens' rows and the T-tokens' rows, placed at their flat token positions.
+
+    One concatenation and one gather (by the inverse of "context first, then targets", cached
+    per batch). Scattering both parts into a zero-filled ``[N, ...]`` tensor computes the same
+    rows with a fill and two full copies forward, and more work backward.
+    """
+    key = ("context_then_target_inverse",)
+    if key not in layout.cache:
+        order = torch.cat([layout.context().index, layout.queries("target").index])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        layout.cache[key] = inverse
+    return torch.cat([ctx_rows, target_rows.to(ctx_rows.dtype)]).index_select(0, layout.cache[key])
 
 
 def fused_context_kv(layers: list[TargetAttentionLayer], x_ctx: Tensor, ctx_groups: Tensor) -> list[tuple[Tensor, Tensor]]:
