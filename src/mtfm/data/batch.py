@@ -227,3 +227,43 @@ def build_token_layout(
         source_row=source_row[order],
         expiry=expiry_all[order],
     )
+
+
+# ---- taking rows (used to derive batches: mtfm.model.batch_ops, mtfm.data.per_exposure) ----
+
+
+def ranges_to_rows(start: Tensor, end: Tensor) -> tuple[Tensor, Tensor]:
+    """``(offsets [k + 1], row positions)`` of the concatenated ranges ``[start_i, end_i)``."""
+    lengths = end - start
+    offsets = torch.zeros(lengths.shape[0] + 1, dtype=torch.long, device=start.device)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    within = torch.arange(int(offsets[-1]), device=start.device) - torch.repeat_interleave(offsets[:-1], lengths)
+    return offsets, torch.repeat_interleave(start, lengths) + within
+
+
+def take_feature_rows(features: FeatureTensors, rows: Tensor) -> FeatureTensors:
+    """The given rows (in that order, repeats allowed) of every feature, list-valued ones included."""
+    multi: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, (values, offsets) in features.multi.items():
+        new_offsets, positions = ranges_to_rows(offsets[:-1][rows], offsets[1:][rows])
+        multi[name] = (values[positions], new_offsets)
+    return FeatureTensors(
+        categorical={k: v[rows] for k, v in features.categorical.items()},
+        numeric={k: v[rows] for k, v in features.numeric.items()},
+        multi=multi,
+    )
+
+
+def take_scenario_rows(sc: ScenarioBatch, rows: Tensor, offsets: Tensor) -> ScenarioBatch:
+    """The scenario's exposures ``rows`` (in that order), grouped into samples by ``offsets``."""
+    return ScenarioBatch(
+        offsets=offsets,
+        timestamps=sc.timestamps[rows],
+        user=take_feature_rows(sc.user, rows),
+        cross=take_feature_rows(sc.cross, rows),
+        item=take_feature_rows(sc.item, rows),
+        labels=sc.labels[rows],
+        label_mask=sc.label_mask[rows],
+        oracle=sc.oracle[rows],
+        source_row=sc.source_row[rows] if sc.source_row is not None else None,
+    )

@@ -55,6 +55,9 @@ from mtfm.data.batch import (
     ScenarioBatch,
     SequenceBatch,
     build_token_layout,
+    ranges_to_rows,
+    take_feature_rows,
+    take_scenario_rows,
 )
 from mtfm.data.store import (
     ShardTables,
@@ -82,30 +85,6 @@ def _row_users(offsets: Tensor) -> Tensor:
     return torch.repeat_interleave(torch.arange(counts.shape[0], dtype=torch.long), counts)
 
 
-def _ranges_to_rows(start: Tensor, end: Tensor) -> tuple[Tensor, Tensor]:
-    """(offsets [k + 1], row positions) of the concatenated ranges ``[start_i, end_i)``."""
-    lengths = end - start
-    offsets = torch.zeros(lengths.shape[0] + 1, dtype=torch.long)
-    offsets[1:] = torch.cumsum(lengths, 0)
-    within = torch.arange(int(offsets[-1]), dtype=torch.long) - torch.repeat_interleave(offsets[:-1], lengths)
-    return offsets, torch.repeat_interleave(start, lengths) + within
-
-
-def _take_rows(features: FeatureTensors, rows: Tensor) -> FeatureTensors:
-    """The given rows (in that order, repeats allowed) of every feature, list-valued ones
-    included. (The data layer does not import :mod:`mtfm.model`, whose ``batch_ops`` has the
-    same operation.)"""
-    multi = {}
-    for name, (values, offsets) in features.multi.items():
-        new_offsets, positions = _ranges_to_rows(offsets[:-1][rows], offsets[1:][rows])
-        multi[name] = (values[positions], new_offsets)
-    return FeatureTensors(
-        categorical={k: v[rows] for k, v in features.categorical.items()},
-        numeric={k: v[rows] for k, v in features.numeric.items()},
-        multi=multi,
-    )
-
-
 def _first_at_or_after(offsets: Tensor, values: Tensor, users: Tensor, bound: Tensor) -> Tensor:
     """Per query ``i``: the first row of user ``users[i]`` with ``values >= bound[i]`` (the user's
     end when none), for ``values`` ascending within each user. One ``searchsorted`` over
@@ -128,26 +107,16 @@ def _exposure_sequence(seq: SequenceBatch, users: Tensor, times: Tensor, cut: Re
             raise ValueError("realtime='view' needs each real-time row's expiry (the loader sets it)")
         # expiry is non-decreasing within a user (the max_len-th successor's time): a range.
         start = torch.minimum(_first_at_or_after(seq.offsets, seq.expiry, users, times), end)
-    offsets, rows = _ranges_to_rows(start, end)
+    offsets, rows = ranges_to_rows(start, end)
     expiry = seq.expiry[rows] if seq.expiry is not None else None
-    return SequenceBatch(offsets, seq.timestamps[rows], _take_rows(seq.features, rows), expiry)
+    return SequenceBatch(offsets, seq.timestamps[rows], take_feature_rows(seq.features, rows), expiry)
 
 
 def _exposure_scenario(sc: ScenarioBatch, is_mine: Tensor, rows: Tensor) -> ScenarioBatch:
     """The scenario's rows ``rows`` (in order), one per sample flagged in ``is_mine``."""
     offsets = torch.zeros(is_mine.shape[0] + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(is_mine.long(), 0)
-    return ScenarioBatch(
-        offsets=offsets,
-        timestamps=sc.timestamps[rows],
-        user=_take_rows(sc.user, rows),
-        cross=_take_rows(sc.cross, rows),
-        item=_take_rows(sc.item, rows),
-        labels=sc.labels[rows],
-        label_mask=sc.label_mask[rows],
-        oracle=sc.oracle[rows],
-        source_row=sc.source_row[rows] if sc.source_row is not None else None,
-    )
+    return take_scenario_rows(sc, rows, offsets)
 
 
 def per_exposure_batch(batch: JaggedBatch, realtime: RealtimeView = "past") -> JaggedBatch:

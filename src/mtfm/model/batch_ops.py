@@ -12,51 +12,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mtfm.data.batch import FeatureTensors, JaggedBatch, ScenarioBatch, SequenceBatch, build_token_layout
-
-
-def take_feature_rows(features: FeatureTensors, rows: Tensor) -> FeatureTensors:
-    """The given rows (in that order) of every feature, list-valued ones included."""
-    multi: dict[str, tuple[Tensor, Tensor]] = {}
-    for name, (values, offsets) in features.multi.items():
-        starts, lengths = offsets[:-1][rows], (offsets[1:] - offsets[:-1])[rows]
-        new_offsets = torch.zeros(rows.shape[0] + 1, dtype=torch.long, device=offsets.device)
-        new_offsets[1:] = torch.cumsum(lengths, 0)
-        within = torch.arange(int(new_offsets[-1]), device=offsets.device) - torch.repeat_interleave(new_offsets[:-1], lengths)
-        multi[name] = (values[torch.repeat_interleave(starts, lengths) + within], new_offsets)
-    return FeatureTensors(
-        categorical={k: v[rows] for k, v in features.categorical.items()},
-        numeric={k: v[rows] for k, v in features.numeric.items()},
-        multi=multi,
-    )
+from mtfm.data.batch import (
+    JaggedBatch,
+    SequenceBatch,
+    build_token_layout,
+    ranges_to_rows,
+    take_feature_rows,
+    take_scenario_rows,
+)
 
 
 def _user_rows(offsets: Tensor, users: Tensor) -> tuple[Tensor, Tensor]:
     """Rows of ``users`` (in that order) and the new offsets."""
-    lengths = (offsets[1:] - offsets[:-1])[users]
-    new_offsets = torch.zeros(users.shape[0] + 1, dtype=torch.long, device=offsets.device)
-    new_offsets[1:] = torch.cumsum(lengths, 0)
-    within = torch.arange(int(new_offsets[-1]), device=offsets.device) - torch.repeat_interleave(new_offsets[:-1], lengths)
-    return torch.repeat_interleave(offsets[:-1][users], lengths) + within, new_offsets
+    new_offsets, rows = ranges_to_rows(offsets[:-1][users], offsets[1:][users])
+    return rows, new_offsets
 
 
 def _take_sequence(seq: SequenceBatch, rows: Tensor, offsets: Tensor) -> SequenceBatch:
     expiry = seq.expiry[rows] if seq.expiry is not None else None  # whole users are taken: still valid
     return SequenceBatch(offsets, seq.timestamps[rows], take_feature_rows(seq.features, rows), expiry)
-
-
-def _take_scenario(sc: ScenarioBatch, rows: Tensor, offsets: Tensor) -> ScenarioBatch:
-    return ScenarioBatch(
-        offsets=offsets,
-        timestamps=sc.timestamps[rows],
-        user=take_feature_rows(sc.user, rows),
-        cross=take_feature_rows(sc.cross, rows),
-        item=take_feature_rows(sc.item, rows),
-        labels=sc.labels[rows],
-        label_mask=sc.label_mask[rows],
-        oracle=sc.oracle[rows],
-        source_row=sc.source_row[rows] if sc.source_row is not None else None,
-    )
 
 
 def _rebuild(batch: JaggedBatch, history, realtime, scenarios, user_ids: Tensor, window_start: Tensor) -> JaggedBatch:
@@ -84,7 +58,7 @@ def select_users(batch: JaggedBatch, users: list[int] | Tensor) -> JaggedBatch:
 
     history = {n: seq(s) for n, s in batch.history.items()}
     realtime = {n: seq(s) for n, s in batch.realtime.items()}
-    scenarios = {n: _take_scenario(s, *_user_rows(s.offsets, idx)) for n, s in batch.scenarios.items()}
+    scenarios = {n: take_scenario_rows(s, *_user_rows(s.offsets, idx)) for n, s in batch.scenarios.items()}
     return _rebuild(batch, history, realtime, scenarios, batch.user_ids[idx], batch.window_start[idx])
 
 
@@ -96,7 +70,7 @@ def reorder_scenario_rows(batch: JaggedBatch, name: str, order: Tensor) -> Jagge
     if sorted(order.tolist()) != list(range(sc.num_rows)) or not torch.equal(user_of_row[order], user_of_row):
         raise ValueError(f"scenario {name!r}: order must permute rows within each user")
     scenarios = dict(batch.scenarios)
-    scenarios[name] = _take_scenario(sc, order, sc.offsets)
+    scenarios[name] = take_scenario_rows(sc, order, sc.offsets)
     return _rebuild(batch, dict(batch.history), dict(batch.realtime), scenarios, batch.user_ids, batch.window_start)
 
 
@@ -110,5 +84,5 @@ def take_candidates(batch: JaggedBatch, name: str, rows: Tensor) -> JaggedBatch:
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= sc.num_rows):
         raise IndexError(f"scenario {name!r}: rows must lie in [0, {sc.num_rows}), got {rows.tolist()}")
     offsets = torch.tensor([0, rows.numel()], dtype=torch.long, device=sc.offsets.device)
-    scenarios = {name: _take_scenario(sc, rows, offsets)}
+    scenarios = {name: take_scenario_rows(sc, rows, offsets)}
     return _rebuild(batch, dict(batch.history), dict(batch.realtime), scenarios, batch.user_ids, batch.window_start)
