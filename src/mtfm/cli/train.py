@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 from contextlib import nullcontext
+from pathlib import Path
 
 from mtfm.dirlock import hold_dir_lock
 from mtfm.train.config import TrainConfig, load_train_config, train_config_from_dict
@@ -46,9 +47,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", metavar="DIR", required=True, help="prepared data directory (has manifest.json)")
     p.add_argument("--out", metavar="RUN", required=True, help="run directory for checkpoints, logs, metrics.json")
-    p.add_argument("--arch", choices=ARCHS, default="mtfm", help="model to train (default mtfm; logistic = LR baseline)")
+    p.add_argument("--arch", choices=ARCHS, default="mtfm", help="model to train (default mtfm; logistic = LR baseline; the others: the baselines of issue 14, mtfm.baselines)")
     p.add_argument("--model", metavar="YAML", default=None,
-                   help="MTFM model config: a YAML file or a preset name (listed below); default small")
+                   help="model config: for MTFM a YAML file or a preset name (listed below), default small; for a baseline a "
+                        "YAML of its config class's fields (mtfm.baselines.<arch>), default its paper's settings")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", metavar="E", type=int, default=None, help="epochs (default: the config's)")
     budget.add_argument("--max-steps", metavar="N", type=int, default=None,
@@ -126,9 +128,16 @@ def model_config_from_args(arch: str, model: str | None) -> dict:
         from mtfm.model.config import load_model_config
 
         return load_model_config(model or "small").model_dump(mode="json")
-    if model is not None:
-        raise ValueError(f"--model configures MTFM; --arch {arch} takes none")
-    return {}
+    if model is None:
+        return {}  # the baseline's config defaults (its paper's recommended settings)
+    from mtfm.train.models import baseline_classes
+    from mtfm.yamlio import safe_load
+
+    path = Path(model)
+    if not path.is_file():
+        raise ValueError(f"--model {model}: file not found (a baseline takes a YAML of its config's fields)")
+    _, config_cls = baseline_classes(arch)
+    return config_cls.model_validate(safe_load(path.read_text()) or {}).model_dump(mode="json")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -59,7 +59,7 @@ class ModelOutput:
     target_embeddings: dict[str, Tensor]
 
 
-def _fields(schema: DataSchema) -> dict[str, list]:
+def embedding_fields(schema: DataSchema) -> dict[str, list]:
     """Embedding fields of a schema (scenario parts without features are left out)."""
     fields: dict[str, list] = {}
     for s in schema.history:
@@ -213,7 +213,7 @@ class MTFM(MTFMBase):
     """The full multi-scenario model, built from a data schema and a model config."""
 
     def __init__(self, schema: DataSchema, config: ModelConfig) -> None:
-        fields = _fields(schema)
+        fields = embedding_fields(schema)
         embeddings = FeatureEmbeddings(fields, config.embedding_dim, config.numeric_dim)
 
         def tokenizer(in_dim: int) -> MLP:
@@ -256,7 +256,7 @@ class ScenarioSubgraph(MTFMBase):
         schema = model.schema.restrict([name])
         groups = schema.token_groups()
         target_groups = [f"T:{name}"]
-        fields = list(_fields(schema))
+        fields = list(embedding_fields(schema))
         super().__init__(
             schema,
             model.config,

@@ -135,7 +135,7 @@ def train_config_from_dict(raw: object, source: str = "<train config>") -> Train
         raise TrainConfigError(f"{source}: invalid training config ({err.error_count()} problem(s))\n{problems}") from None
 
 
-TRAIN_PRESETS = ("mtfm", "logistic")  # src/mtfm/configs/train_<name>.yaml: each arch's measured defaults
+TRAIN_PRESETS = ("mtfm", "logistic", "dcnv2", "mmoe", "rankmixer", "mtgr", "onetrans", "star", "pepnet")  # src/mtfm/configs/train_<name>.yaml: each arch's measured defaults
 
 
 def train_preset_path(name: str) -> Path:

@@ -11,15 +11,37 @@ weights load unchanged.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
-
 from torch import nn
 
 from mtfm.config import DataSchema, schema_from_dict
 from mtfm.train.checkpoint import load_model_weights, read_checkpoint_config, verify_checkpoint
 
-Arch = Literal["mtfm", "logistic"]
-ARCHS: tuple[str, ...] = ("mtfm", "logistic")
+# The baselines (issue 14): arch -> (module, model class, config class). Each module is one
+# self-contained model (FuxiCTR style): ``Model(schema, Config)``, ``model(batch).logits[s]``
+# ``[n_s, num_tasks]`` and ``model.loss(batch, out)``, trained by the same trainer as MTFM.
+BASELINES: dict[str, tuple[str, str, str]] = {
+    "logistic": ("mtfm.baselines.logistic", "LogisticRegression", "LogisticConfig"),
+    "dcnv2": ("mtfm.baselines.dcnv2", "DCNv2", "DCNv2Config"),
+    "mmoe": ("mtfm.baselines.mmoe", "MMoEBaseline", "MMoEConfig"),
+    "rankmixer": ("mtfm.baselines.rankmixer", "RankMixer", "RankMixerConfig"),
+    "mtgr": ("mtfm.baselines.mtgr", "MTGR", "MTGRConfig"),
+    "onetrans": ("mtfm.baselines.onetrans", "OneTrans", "OneTransConfig"),
+    "star": ("mtfm.baselines.star", "STAR", "STARConfig"),
+    "pepnet": ("mtfm.baselines.pepnet", "PEPNet", "PEPNetConfig"),
+}
+Arch = str
+ARCHS: tuple[str, ...] = ("mtfm", *BASELINES)
+
+
+def baseline_classes(arch: str) -> tuple[type[nn.Module], type]:
+    """The model class and config class of baseline ``arch``."""
+    import importlib
+
+    if arch not in BASELINES:
+        raise ValueError(f"unknown model arch {arch!r}; expected one of {list(ARCHS)}")
+    module_name, model_name, config_name = BASELINES[arch]
+    module = importlib.import_module(module_name)
+    return getattr(module, model_name), getattr(module, config_name)
 
 
 def build_model(arch: str, model_config: dict, schema: DataSchema) -> nn.Module:
@@ -31,11 +53,8 @@ def build_model(arch: str, model_config: dict, schema: DataSchema) -> nn.Module:
 
         model_config, schema = upgrade_legacy_model_config(model_config, schema)
         return MTFM(schema, model_config_from_dict(model_config, "model config"))
-    if arch == "logistic":
-        from mtfm.baselines.logistic import LogisticConfig, LogisticRegression
-
-        return LogisticRegression(schema, LogisticConfig.model_validate(model_config))
-    raise ValueError(f"unknown model arch {arch!r}; expected one of {list(ARCHS)}")
+    model_cls, config_cls = baseline_classes(arch)
+    return model_cls(schema, config_cls.model_validate(model_config))
 
 
 def model_from_checkpoint(ckpt: str | Path) -> tuple[nn.Module, dict, DataSchema]:
