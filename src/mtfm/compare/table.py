@@ -68,36 +68,46 @@ def _ranked(results: list[ModelResult], cell: Cell, metric: str) -> list[str]:
 
 
 def markdown_table(results: list[ModelResult], min_positives: int) -> str:
-    """The table: one row per model (plus the oracle), one column per cell and metric."""
+    """One table per scenario: a row per model (plus the oracle), a column per task and metric."""
     all_cells = cells(results)
+    blocks = []
+    for scenario in dict.fromkeys(c.scenario for c in all_cells):
+        blocks.append(_scenario_table(results, [c for c in all_cells if c.scenario == scenario], min_positives))
+    positives = ", ".join(f"{c.name} {c.positives:,}" for c in all_cells)
+    blocks.append(f"Test positives per cell: {positives}. † fewer than {min_positives}: too few to rank models.")
+    return "\n\n".join(blocks)
+
+
+def _scenario_table(results: list[ModelResult], scenario_cells: list[Cell], min_positives: int) -> str:
     header = ["model"] + [f"{c.name}{'†' if c.positives < min_positives else ''} {m.upper()}"
-                          for c in all_cells for m in METRICS]
+                          for c in scenario_cells for m in METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    ranks = {(c, m): _ranked(results, c, m) for c in all_cells for m in METRICS}
+    ranks = {(c, m): _ranked(results, c, m) for c in scenario_cells for m in METRICS}
     for r in results:
         row = [MODEL_LABELS.get(r.model, r.model)]
-        for c in all_cells:
+        for c in scenario_cells:
             for m in METRICS:
-                mean, std = _mean_std(values(r, c, m))
-                text = "-" if mean is None else f"{mean:.4f} ± {std:.4f}"
-                order = ranks[(c, m)]
-                if order and r.model == order[0]:
-                    text = f"**{text}**"
-                elif len(order) > 1 and r.model == order[1]:
-                    text = f"<u>{text}</u>"
-                row.append(text)
+                row.append(_marked(r, c, m, ranks[(c, m)]))
         lines.append("| " + " | ".join(row) + " |")
     oracle = results[0].runs[0].test
-    if any(oracle[c.scenario][c.task].get("oracle_auc") is not None for c in all_cells):
+    if any(oracle[c.scenario][c.task].get("oracle_auc") is not None for c in scenario_cells):
         row = ["oracle (true p)"]
-        for c in all_cells:
+        for c in scenario_cells:
             for m in METRICS:
                 v = oracle[c.scenario][c.task].get(f"oracle_{m}")
                 row.append("-" if v is None else f"{v:.4f}")
         lines.append("| " + " | ".join(row) + " |")
-    positives = ", ".join(f"{c.name} {c.positives:,}" for c in all_cells)
-    lines += ["", f"Test positives per cell: {positives}. † fewer than {min_positives}: too few to rank models."]
     return "\n".join(lines)
+
+
+def _marked(result: ModelResult, cell: Cell, metric: str, order: list[str]) -> str:
+    mean, std = _mean_std(values(result, cell, metric))
+    text = "-" if mean is None else f"{mean:.4f} ± {std:.4f}"
+    if order and result.model == order[0]:
+        return f"**{text}**"
+    if len(order) > 1 and result.model == order[1]:
+        return f"<u>{text}</u>"
+    return text
 
 
 @dataclass
