@@ -215,7 +215,8 @@ class PerScenario(nn.Module):
         for name in batch.scenarios:
             if name not in self.scenarios:
                 raise KeyError(f"batch has scenario {name!r}; this model was built for {list(self.scenarios)}")
-            logits[name] = self.scenarios[name](batch).float()
+            out = self.scenarios[name](batch)
+            logits[name] = out if out.dtype == torch.float64 else out.float()  # bf16 -> fp32; fp64 kept (tests)
         return BaselineOutput(logits)
 
     def loss(self, batch: JaggedBatch, out: BaselineOutput) -> Tensor:
