@@ -128,6 +128,6 @@ def test_gate_nu_and_task_towers_follow_their_formulas():
 def test_towers_are_per_task_name_shared_by_the_scenarios_with_that_task():
     model = small_model()
     assert model.task_names == ["ctr", "ctcvr"]
-    assert model.task_columns["food"].tolist() == [0]
-    assert model.task_columns["coupon"].tolist() == [0, 1]
+    assert model.task_columns("food").tolist() == [0]
+    assert model.task_columns("coupon").tolist() == [0, 1]
     assert model.towers.weights[0].shape[0] == 2

@@ -120,8 +120,9 @@ class PEPNet(nn.Module):
         cfg = self.config
         self.scenario_index = {name: i for i, name in enumerate(schema.scenario_names)}
         self.task_names = list(dict.fromkeys(t for s in schema.scenarios for t in s.task_names))
-        self.task_columns = {s.name: torch.tensor([self.task_names.index(t) for t in s.task_names])
-                             for s in schema.scenarios}
+        for i, spec in enumerate(schema.scenarios):  # scenario i's task columns, moved with the model
+            self.register_buffer(f"tasks_{i}", torch.tensor([self.task_names.index(t) for t in spec.task_names]),
+                                 persistent=False)
         self.inputs = AlignedInputs(schema, cfg.inputs)
         dim = self.inputs.out_dim
         self.register_buffer("field_sizes", torch.tensor(self.inputs.field_dims), persistent=False)
@@ -135,6 +136,10 @@ class PEPNet(nn.Module):
         self.ppnet = nn.ModuleList(GateNU(prior_dim, cfg.gate_hidden, w * num_t, cfg.gate_scale)
                                    for w in self.layer_widths)
         self.towers = TaskTowers(num_t, self.layer_widths, cfg.dropout)
+
+    def task_columns(self, scenario: str) -> Tensor:
+        """Columns of scenario's tasks (schema order) among :attr:`task_names`."""
+        return getattr(self, f"tasks_{self.scenario_index[scenario]}")
 
     def domain_gate(self, general: Tensor, scenario: str) -> Tensor:
         """EPNet's gates ``[n, num_fields]`` (or ``[n, dim]``) for rows ``general`` (E) of ``scenario``."""
@@ -160,7 +165,7 @@ class PEPNet(nn.Module):
         o_ep = self.personalised_embedding(general, scenario)
         prior = torch.cat([parts[p] for p in self.prior_parts], 1)
         gates = self.task_gates(prior, o_ep)
-        return self.towers(o_ep, gates, self.task_columns[scenario].to(general.device))
+        return self.towers(o_ep, gates, self.task_columns(scenario))
 
     def forward(self, batch: JaggedBatch) -> BaselineOutput:
         parts = self.inputs(batch)

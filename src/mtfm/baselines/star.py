@@ -123,8 +123,9 @@ class STAR(nn.Module):
         cfg = self.config
         self.scenario_index = {name: i for i, name in enumerate(schema.scenario_names)}
         self.task_names = list(dict.fromkeys(t for s in schema.scenarios for t in s.task_names))
-        self.task_columns = {s.name: torch.tensor([self.task_names.index(t) for t in s.task_names])
-                             for s in schema.scenarios}
+        for i, spec in enumerate(schema.scenarios):  # scenario i's task columns, moved with the model
+            self.register_buffer(f"tasks_{i}", torch.tensor([self.task_names.index(t) for t in spec.task_names]),
+                                 persistent=False)
         num_s, num_t = len(schema.scenarios), len(self.task_names)
         self.inputs = AlignedInputs(schema, cfg.inputs)
         dim = self.inputs.out_dim
@@ -137,6 +138,10 @@ class STAR(nn.Module):
         self.aux = mlp(cfg.scenario_dim + dim, cfg.aux_hidden)
         self.aux_out = nn.Linear(cfg.aux_hidden[-1] if cfg.aux_hidden else cfg.scenario_dim + dim, num_t)
 
+    def task_columns(self, scenario: str) -> Tensor:
+        """Columns of scenario's tasks (schema order) among :attr:`task_names`."""
+        return getattr(self, f"tasks_{self.scenario_index[scenario]}")
+
     def scenario_logits(self, x: Tensor, scenario: str) -> Tensor:
         """``[n, tasks]`` logits of one scenario's input rows ``x`` (``[n, inputs.out_dim]``)."""
         s = self.scenario_index[scenario]
@@ -146,7 +151,7 @@ class STAR(nn.Module):
             h = self.dropout(torch.relu(layer(h, s)))
         indicator = self.scenario_embedding(torch.full((z.shape[0],), s, dtype=torch.long, device=z.device))
         logits = self.star_out(h, s) + self.aux_out(self.aux(torch.cat([indicator, z], 1)))
-        return logits.index_select(1, self.task_columns[scenario].to(logits.device))
+        return logits.index_select(1, self.task_columns(scenario))
 
     def forward(self, batch: JaggedBatch) -> BaselineOutput:
         parts = self.inputs(batch)
