@@ -142,8 +142,10 @@ def _train_neural(data: Path, run_dir: Path, model: str, lr: float, seed: int, c
 def _train_gbdt(data: Path, run_dir: Path, lr: float, seed: int, cfg: CompareConfig) -> RunResult:
     from mtfm.baselines.gbdt import GBDTConfig, run_gbdt
 
-    extra = {"num_threads": cfg.threads} if cfg.threads is not None and "num_threads" in GBDTConfig.model_fields else {}
-    result = run_gbdt(data, GBDTConfig(learning_rate=lr, **extra), seed, run_dir)
+    # the neural models' trainer uses one thread unless told otherwise; LightGBM gets the same
+    # (and with more threads than free cores its workers spin: 9x slower on a loaded 2-core VM)
+    threads = cfg.threads if cfg.threads is not None else 1
+    result = run_gbdt(data, GBDTConfig(learning_rate=lr, num_threads=threads), seed, run_dir)
     rate = result.exposures / result.train_seconds if result.train_seconds > 0 else None
     return RunResult(GBDT, lr, seed, mean_gauc(result.valid), result.valid, result.test, result.train_seconds, rate)
 
