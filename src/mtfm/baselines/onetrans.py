@@ -61,7 +61,11 @@ stack: nothing any of the user's exposures sees depends on them.
 Trained per scenario (:class:`~mtfm.baselines.common.PerScenario`): one independent OneTrans,
 with its own embedding tables, per scenario; only the users with an exposure in the scenario
 are computed; the loss is the masked BCE summed over tasks (``task_mean``). Default size: MTFM
-small's width (d 64, 2 heads, embeddings 16 / 4, tokenizer hidden [128]) with 3 layers.
+small's width (d 64, 2 heads, embeddings 16 / 4, tokenizer hidden [128]) with 3 layers, 2 NS
+tokens per part, ``max_history`` 64. Measured on the 2,000-user synthetic world (CPU, batch 64):
+one training step costs about 2.4x an MTFM-small step (4,096 vs 1,732 training exposures/s in
+``mtfm train --max-steps 60``; 2.4-2.6x interleaved on the same batches, one thread), most of it
+the NS-to-S attention of three per-scenario networks.
 """
 
 from __future__ import annotations
