@@ -118,7 +118,8 @@ def test_scenarios_share_no_parameters() -> None:
     owners: dict[int, str] = {}
     for name, sub in model.scenarios.items():
         for p in sub.parameters():
-            assert owners.setdefault(p.data_ptr(), name) == name, f"a parameter of {name} is also {owners[p.data_ptr()]}'s"
+            owner = owners.setdefault(p.data_ptr(), name)
+            assert owner == name, f"a parameter of {name} is also {owner}'s"
     assert len(owners) == sum(1 for _ in model.parameters())
 
 

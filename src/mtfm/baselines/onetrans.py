@@ -410,7 +410,8 @@ class ScenarioOneTrans(nn.Module):
             parts.append(self.ns_tokenizers[p](emb).view(sc.num_rows, self.config.ns_tokens_per_part, -1))
         return torch.cat(parts, dim=1)
 
-    def _sequence_state(self, batch: JaggedBatch, compact: Tensor, last_exposure: Tensor, num_users: int) -> SequenceState:
+    def _sequence_state(self, batch: JaggedBatch, compact: Tensor, last_exposure: Tensor,
+                        num_users: int) -> SequenceState:
         """S tokens of the selected users from ``batch.layout`` (H merged by time, then R merged by time)."""
         lay = batch.layout
         token_user = row_samples(lay.offsets)
@@ -435,10 +436,14 @@ class ScenarioOneTrans(nn.Module):
         if lay.expiry is None and r_tok.numel():
             raise ValueError("a batch with real-time rows must carry their expiry (the loader computes it)")
         r_expiry = lay.expiry[r_tok] if lay.expiry is not None else lay.timestamps[r_tok]
-        return SequenceState(
-            h, _padded(ones_h, h_user, h_col, num_users, lh), _padded(lay.timestamps[h_tok], h_user, h_col, num_users, lh),
-            r, _padded(ones_r, r_user, r_col, num_users, lr), _padded(lay.timestamps[r_tok], r_user, r_col, num_users, lr),
-            _padded(r_expiry, r_user, r_col, num_users, lr))
+        def pad_h(x: Tensor) -> Tensor:
+            return _padded(x, h_user, h_col, num_users, lh)
+
+        def pad_r(x: Tensor) -> Tensor:
+            return _padded(x, r_user, r_col, num_users, lr)
+
+        return SequenceState(h, pad_h(ones_h), pad_h(lay.timestamps[h_tok]),
+                             r, pad_r(ones_r), pad_r(lay.timestamps[r_tok]), pad_r(r_expiry))
 
     def _tokens(self, batch: JaggedBatch, tokens: Tensor) -> Tensor:
         """``[len(tokens), d]``: layout tokens ``tokens`` (H or R) through their type's tokenizer."""
