@@ -6,8 +6,9 @@ import io
 
 import pytest
 import torch
+from baseline_contract import one_thread_fixture
 
-from mtfm.baselines.alignment import AlignedInputs, align_schema, describe_template, print_template
+from mtfm.baselines.alignment import AlignedInputs, TaskColumns, align_schema, describe_template, print_template
 from mtfm.baselines.common import InputConfig
 from mtfm.config import schema_from_dict
 from mtfm.model.testing import random_batch, tiny_schema
@@ -16,13 +17,7 @@ SCHEMA = tiny_schema()
 CONFIG = InputConfig(embedding_dim=4, numeric_dim=3, sequence_dim=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: intra-op threads only add synchronisation (20x slower on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+_one_thread = one_thread_fixture()
 
 
 def two_scenario_schema():
@@ -124,3 +119,17 @@ def test_a_batch_with_an_unknown_scenario_is_refused():
     model = AlignedInputs(SCHEMA.restrict(["feed", "food"]), CONFIG)
     with pytest.raises(KeyError, match="coupon"):
         model(random_batch(SCHEMA, 4, seed=0))
+
+
+def test_task_columns_place_each_scenarios_tasks_among_the_union_of_task_names():
+    def scenario(name: str, tasks: list[str]) -> dict:
+        return {"name": name, "table": name, "item_features": [{"name": "x", "kind": "numeric"}],
+                "tasks": [{"name": t, "labels": [t]} for t in tasks]}
+
+    schema = schema_from_dict({"window": 100, "split": {"valid_fraction": 0.1, "test_fraction": 0.1},
+                               "scenarios": [scenario("A", ["ctr"]), scenario("B", ["cvr", "ctr"])]}, "<tasks>")
+    columns = TaskColumns(schema)
+    assert columns.task_names == ["ctr", "cvr"] and columns.scenario_index == {"A": 0, "B": 1}
+    assert columns("A").tolist() == [0] and columns("B").tolist() == [1, 0]  # B's schema order
+    assert columns("B").dtype == torch.long and not columns.state_dict()  # buffers, not saved
+    assert [name for name, _ in columns.named_buffers()] == ["tasks_0", "tasks_1"]

@@ -1,5 +1,6 @@
-"""OneTrans baseline (issue 14): shapes, training, parameter layout, the pyramid, visibility, and
-the shared (per-user) S computation against computing every exposure alone."""
+"""OneTrans baseline (issue 14): an empty scenario, config checks, parameter layout, the pyramid,
+visibility, and the shared (per-user) S computation against computing every exposure alone (the
+shared baseline contract: shapes, round-trip, training, no shared parameters: test_baseline_contract.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from baseline_contract import ARCHS, one_thread_fixture
 
 from mtfm.baselines.onetrans import OneTrans, OneTransConfig, ScenarioOneTrans
 from mtfm.data.batch import (
@@ -19,25 +21,9 @@ from mtfm.data.batch import (
 )
 from mtfm.data.per_exposure import per_exposure_batch
 from mtfm.model.testing import random_batch, tiny_schema
-from mtfm.train.models import build_model
 
-SMALL = dict(d_model=16, num_heads=2, num_layers=3, embedding_dim=4, numeric_dim=2, tokenizer_hidden=[16],
-             tower_hidden=[8], max_history=4)  # max_history below random_batch's up to 12 H rows: the cap acts
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _model(seed: int = 0, **overrides: object) -> OneTrans:
-    torch.manual_seed(seed)
-    model = OneTrans(tiny_schema(), OneTransConfig(**{**SMALL, **overrides}))
-    return model.eval()
+_model = ARCHS["onetrans"].model  # in eval mode; its max_history (4) is below random_batch's up to 12 H rows
+_one_thread = one_thread_fixture()
 
 
 def _logits(model: OneTrans, batch: JaggedBatch) -> dict[str, torch.Tensor]:
@@ -73,54 +59,20 @@ def _exposures(batch: JaggedBatch) -> list[tuple[str, int, int, int]]:
     return out
 
 
-def test_output_shapes_per_scenario_and_task() -> None:
-    schema = tiny_schema()
+def test_a_scenario_without_exposures_gives_empty_logits_and_a_finite_loss() -> None:
     model = _model()
-    batch = random_batch(schema, 5, seed=1)
-    out = model(batch)
-    for sc in schema.scenarios:
-        assert out.logits[sc.name].shape == (batch.scenarios[sc.name].num_rows, len(sc.tasks))
-        assert torch.isfinite(out.logits[sc.name]).all()
-    empty = random_batch(schema, 2, seed=2, lengths={"coupon": [0, 0], "feed": [1, 1]})
+    empty = random_batch(tiny_schema(), 2, seed=2, lengths={"coupon": [0, 0], "feed": [1, 1]})
     assert model(empty).logits["coupon"].shape == (0, 2)
     assert torch.isfinite(model.loss(empty, model(empty)))
 
 
-def test_config_round_trips_and_registry_builds_it() -> None:
-    cfg = OneTransConfig(**SMALL)
-    assert OneTransConfig.model_validate(cfg.model_dump(mode="json")) == cfg
-    model = build_model("onetrans", cfg.model_dump(mode="json"), tiny_schema())
-    assert isinstance(model, OneTrans) and model.config == cfg
+def test_config_history_queries_and_pyramid_checks() -> None:
     assert OneTransConfig().history_queries() == [64, 32, 0]
     assert OneTransConfig(num_layers=1).history_queries() == [0]
     with pytest.raises(ValueError, match="pyramid"):
         OneTransConfig(num_layers=2, pyramid=[8, 4])  # the last layer must have NS queries only
     with pytest.raises(ValueError, match="pyramid"):
         OneTransConfig(num_layers=3, pyramid=[4, 8, 0])
-
-
-def test_loss_falls_over_a_few_steps() -> None:
-    model = _model().train()
-    batch = random_batch(tiny_schema(), 4, seed=3)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
-    losses = []
-    for _ in range(8):
-        loss = model.loss(batch, model(batch))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    assert losses[-1] < 0.7 * losses[0], losses
-
-
-def test_scenarios_share_no_parameters() -> None:
-    model = _model()
-    owners: dict[int, str] = {}
-    for name, sub in model.scenarios.items():
-        for p in sub.parameters():
-            owner = owners.setdefault(p.data_ptr(), name)
-            assert owner == name, f"a parameter of {name} is also {owner}'s"
-    assert len(owners) == sum(1 for _ in model.parameters())
 
 
 def test_ns_tokens_have_their_own_parameters_and_s_tokens_share() -> None:

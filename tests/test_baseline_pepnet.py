@@ -1,67 +1,17 @@
-"""The PEPNet baseline: shapes, learning, scenario-dependent gates, stop-gradients, gated towers."""
+"""The PEPNet baseline: scenario-dependent gates, stop-gradients, gated towers (the
+shared baseline contract: test_baseline_contract.py)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
+from baseline_contract import ARCHS, one_thread_fixture
 
-from mtfm.baselines.pepnet import GateNU, PEPNet, PEPNetConfig, TaskTowers
+from mtfm.baselines.pepnet import GateNU, TaskTowers
 from mtfm.model.testing import random_batch, tiny_schema
-from mtfm.train.models import build_model
 
 SCHEMA = tiny_schema()
-SMALL = dict(tower_hidden=[16, 8], gate_hidden=8, scenario_dim=4,
-             inputs={"embedding_dim": 4, "numeric_dim": 2, "sequence_dim": 8})
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: intra-op threads only add synchronisation (20x slower on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def small_model(seed: int = 0, **overrides: object) -> PEPNet:
-    torch.manual_seed(seed)
-    return PEPNet(SCHEMA, PEPNetConfig.model_validate({**SMALL, **overrides}))
-
-
-@pytest.mark.parametrize("overrides", [{}, {"tower_hidden": [8]}, {"epnet_gates": "element"},
-                                       {"inputs": {"embedding_dim": 4, "history_pooling": "mean"}}])
-def test_logits_have_one_row_per_exposure_and_one_column_per_task(overrides):
-    batch = random_batch(SCHEMA, 5, seed=0)
-    out = small_model(**overrides)(batch)
-    assert set(out.logits) == set(batch.scenarios)
-    for spec in SCHEMA.scenarios:
-        assert out.logits[spec.name].shape == (batch.scenarios[spec.name].num_rows, len(spec.tasks))
-        assert torch.isfinite(out.logits[spec.name]).all()
-
-
-def test_config_round_trips_and_the_registry_builds_it():
-    config = PEPNetConfig.model_validate(SMALL)
-    assert PEPNetConfig.model_validate(config.model_dump(mode="json")) == config
-    model = build_model("pepnet", config.model_dump(mode="json"), SCHEMA)
-    assert isinstance(model, PEPNet) and model.config == config
-    with pytest.raises(ValueError):
-        PEPNetConfig(tower_hidden=[8, 0])
-    with pytest.raises(ValueError):
-        PEPNetConfig.model_validate({"gate_scale": 0})
-
-
-def test_a_few_steps_make_the_loss_fall():
-    model = small_model()
-    batch = random_batch(SCHEMA, 8, seed=1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(25):
-        loss = model.loss(batch, model(batch))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+small_model = ARCHS["pepnet"].model
+_one_thread = one_thread_fixture()
 
 
 def test_the_gates_depend_on_the_scenario():

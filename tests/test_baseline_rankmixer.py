@@ -1,74 +1,14 @@
-"""The RankMixer baseline: shapes, learning, per-scenario independence, and its token mixing."""
+"""The RankMixer baseline: its token mixing (the shared baseline contract:
+test_baseline_contract.py)."""
 
 from __future__ import annotations
 
-import copy
-
-import pytest
 import torch
+from baseline_contract import one_thread_fixture
 
-from mtfm.baselines.rankmixer import RankMixer, RankMixerBlock, RankMixerConfig, token_mixing
-from mtfm.model.testing import random_batch, tiny_schema
-from mtfm.train.models import build_model
+from mtfm.baselines.rankmixer import RankMixerBlock, RankMixerConfig, token_mixing
 
-SCHEMA = tiny_schema()
-SMALL = dict(num_tokens=4, d_model=16, num_blocks=2, ffn_mult=2, tower_hidden=[8],
-             inputs={"embedding_dim": 4, "numeric_dim": 2, "sequence_dim": 8})
-
-
-def small_model(seed: int = 0) -> RankMixer:
-    torch.manual_seed(seed)
-    return RankMixer(SCHEMA, RankMixerConfig.model_validate(SMALL))
-
-
-def test_logits_have_one_row_per_exposure_and_one_column_per_task():
-    batch = random_batch(SCHEMA, 5, seed=0)
-    out = small_model()(batch)
-    assert set(out.logits) == set(batch.scenarios)
-    for spec in SCHEMA.scenarios:
-        assert out.logits[spec.name].shape == (batch.scenarios[spec.name].num_rows, len(spec.tasks))
-        assert torch.isfinite(out.logits[spec.name]).all()
-
-
-def test_config_round_trips_and_the_registry_builds_it():
-    config = RankMixerConfig.model_validate(SMALL)
-    again = RankMixerConfig.model_validate(config.model_dump(mode="json"))
-    assert again == config
-    model = build_model("rankmixer", config.model_dump(mode="json"), SCHEMA)
-    assert isinstance(model, RankMixer) and model.config == config
-    with pytest.raises(ValueError, match="divisible"):
-        RankMixerConfig(num_tokens=3, d_model=16)
-
-
-def test_a_few_steps_make_the_loss_fall():
-    model = small_model()
-    batch = random_batch(SCHEMA, 8, seed=1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(15):
-        loss = model.loss(batch, model(batch))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0]
-
-
-def test_scenarios_share_no_parameters():
-    model = small_model()
-    ids = {name: {id(p) for p in sub.parameters()} for name, sub in model.scenarios.items()}
-    names = list(ids)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            assert not ids[a] & ids[b], f"{a} and {b} share parameters"
-    batch = random_batch(SCHEMA, 6, seed=2)
-    changed = copy.deepcopy(batch)
-    changed.scenarios["feed"].item.categorical["item_id"].random_(0, 50)
-    changed.scenarios["feed"].cross.numeric["distance"].normal_()
-    before, after = model(batch).logits, model(changed).logits
-    assert not torch.allclose(before["feed"], after["feed"])
-    for other in ("food", "coupon"):
-        assert torch.equal(before[other], after[other])
+_one_thread = one_thread_fixture()
 
 
 def test_token_mixing_on_a_hand_example():

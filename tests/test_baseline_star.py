@@ -1,72 +1,19 @@
-"""The STAR baseline: shapes, learning, partitioned normalisation per scenario, star layers."""
+"""The STAR baseline: partitioned normalisation per scenario, star layers (the shared
+baseline contract: test_baseline_contract.py)."""
 
 from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
+from baseline_contract import ARCHS, assert_scenarios_independent, one_thread_fixture
 
-from mtfm.baselines.star import STAR, PartitionedNorm, STARConfig, StarLinear
+from mtfm.baselines.star import STAR, PartitionedNorm, StarLinear
 from mtfm.model.testing import random_batch, tiny_schema
-from mtfm.train.models import build_model
 
 SCHEMA = tiny_schema()
-SMALL = dict(star_hidden=[16, 8], aux_hidden=[8], scenario_dim=4,
-             inputs={"embedding_dim": 4, "numeric_dim": 2, "sequence_dim": 8})
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: intra-op threads only add synchronisation (20x slower on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def small_model(seed: int = 0, **overrides: object) -> STAR:
-    torch.manual_seed(seed)
-    return STAR(SCHEMA, STARConfig.model_validate({**SMALL, **overrides}))
-
-
-@pytest.mark.parametrize("overrides", [{}, {"aux_hidden": []}, {"star_hidden": [8]},
-                                       {"inputs": {"embedding_dim": 4, "history_pooling": "mean"}}])
-def test_logits_have_one_row_per_exposure_and_one_column_per_task(overrides):
-    batch = random_batch(SCHEMA, 5, seed=0)
-    model = small_model(**overrides)
-    for training in (True, False):
-        model.train(training)
-        out = model(batch)
-        assert set(out.logits) == set(batch.scenarios)
-        for spec in SCHEMA.scenarios:
-            assert out.logits[spec.name].shape == (batch.scenarios[spec.name].num_rows, len(spec.tasks))
-            assert torch.isfinite(out.logits[spec.name]).all()
-
-
-def test_config_round_trips_and_the_registry_builds_it():
-    config = STARConfig.model_validate(SMALL)
-    assert STARConfig.model_validate(config.model_dump(mode="json")) == config
-    model = build_model("star", config.model_dump(mode="json"), SCHEMA)
-    assert isinstance(model, STAR) and model.config == config
-    with pytest.raises(ValueError):
-        STARConfig(star_hidden=[8, 0])
-    with pytest.raises(ValueError):
-        STARConfig(star_hidden=[])
-
-
-def test_a_few_steps_make_the_loss_fall():
-    model = small_model()
-    batch = random_batch(SCHEMA, 8, seed=1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(25):
-        loss = model.loss(batch, model(batch))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+small_model = ARCHS["star"].model
+_one_thread = one_thread_fixture()
 
 
 def _stats_after_training_forward(model: STAR, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,12 +77,8 @@ def test_evaluation_scores_each_exposure_on_its_own():
     _ = model(train_batch)  # move the statistics
     model.eval()
     batch = random_batch(SCHEMA, 6, seed=5)
-    changed = copy.deepcopy(batch)
-    changed.scenarios["coupon"].item.numeric["discount"].add_(5.0)
-    with torch.no_grad():
-        a, b = model(batch).logits, model(changed).logits
-    assert torch.equal(a["feed"], b["feed"]) and torch.equal(a["food"], b["food"])
-    assert not torch.allclose(a["coupon"], b["coupon"])
+    assert_scenarios_independent(model, batch, "coupon",
+                                 lambda b: b.scenarios["coupon"].item.numeric["discount"].add_(5.0))
 
 
 def test_star_linear_multiplies_shared_and_scenario_weights():

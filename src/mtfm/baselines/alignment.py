@@ -141,6 +141,27 @@ def print_template(schema: DataSchema, file: TextIO | None = None) -> AlignedTem
     return template
 
 
+class TaskColumns(nn.Module):
+    """Each scenario's tasks as columns of one list of task names, for models with one head per task name.
+
+    :attr:`task_names` is the union of the scenarios' task names (first appearance, schema order);
+    :attr:`scenario_index` numbers the scenarios in schema order. Calling the module with a scenario
+    name gives that scenario's task columns (its tasks in schema order) as a long tensor, kept in
+    non-persistent buffers ``tasks_{i}`` so that it moves with the model and is not in its state dict.
+    """
+
+    def __init__(self, schema: DataSchema) -> None:
+        super().__init__()
+        self.scenario_index = {name: i for i, name in enumerate(schema.scenario_names)}
+        self.task_names = list(dict.fromkeys(t for s in schema.scenarios for t in s.task_names))
+        for i, spec in enumerate(schema.scenarios):
+            self.register_buffer(f"tasks_{i}", torch.tensor([self.task_names.index(t) for t in spec.task_names]),
+                                 persistent=False)
+
+    def forward(self, scenario: str) -> Tensor:
+        return getattr(self, f"tasks_{self.scenario_index[scenario]}")
+
+
 class AlignedInputs(nn.Module):
     """Every scenario's exposures encoded in the one template (policy rules 4-6).
 

@@ -43,7 +43,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from mtfm.baselines.alignment import AlignedInputs
+from mtfm.baselines.alignment import AlignedInputs, TaskColumns
 from mtfm.baselines.common import BaselineOutput, InputConfig
 from mtfm.config import DataSchema
 from mtfm.data.batch import JaggedBatch
@@ -118,11 +118,8 @@ class PEPNet(nn.Module):
         super().__init__()
         self.schema, self.config = schema, config or PEPNetConfig()
         cfg = self.config
-        self.scenario_index = {name: i for i, name in enumerate(schema.scenario_names)}
-        self.task_names = list(dict.fromkeys(t for s in schema.scenarios for t in s.task_names))
-        for i, spec in enumerate(schema.scenarios):  # scenario i's task columns, moved with the model
-            self.register_buffer(f"tasks_{i}", torch.tensor([self.task_names.index(t) for t in spec.task_names]),
-                                 persistent=False)
+        self.columns = TaskColumns(schema)
+        self.scenario_index, self.task_names = self.columns.scenario_index, self.columns.task_names
         self.inputs = AlignedInputs(schema, cfg.inputs)
         dim = self.inputs.out_dim
         self.register_buffer("field_sizes", torch.tensor(self.inputs.field_dims), persistent=False)
@@ -139,7 +136,7 @@ class PEPNet(nn.Module):
 
     def task_columns(self, scenario: str) -> Tensor:
         """Columns of scenario's tasks (schema order) among :attr:`task_names`."""
-        return getattr(self, f"tasks_{self.scenario_index[scenario]}")
+        return self.columns(scenario)
 
     def domain_gate(self, general: Tensor, scenario: str) -> Tensor:
         """EPNet's gates ``[n, num_fields]`` (or ``[n, dim]``) for rows ``general`` (E) of ``scenario``."""
