@@ -23,11 +23,12 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mtfm.train.evaluate import Metrics, mean_gauc
+if TYPE_CHECKING:
+    from mtfm.train.evaluate import Metrics
 
 GBDT = "lightgbm"
 NEURAL_MODELS: tuple[str, ...] = ("mtfm", "logistic", "dcnv2", "mmoe", "rankmixer", "mtgr", "onetrans", "star", "pepnet")
@@ -75,8 +76,8 @@ class RunResult:
     lr: float
     seed: int
     valid_score: float | None
-    valid: Metrics
-    test: Metrics
+    valid: "Metrics"
+    test: "Metrics"
     train_seconds: float
     exposures_per_s: float | None
     settings: dict = field(default_factory=dict)
@@ -124,7 +125,7 @@ def _model_config(model: str, cfg: CompareConfig) -> dict:
 
 def _train_neural(data: Path, run_dir: Path, model: str, lr: float, seed: int, cfg: CompareConfig) -> RunResult:
     from mtfm.train.config import load_train_config
-    from mtfm.train.evaluate import evaluate_run
+    from mtfm.train.evaluate import evaluate_run, mean_gauc
     from mtfm.train.trainer import train_from_data
 
     overrides = dict(lr=lr, seed=seed, epochs=cfg.epochs, max_steps=cfg.max_steps, patience=cfg.patience,
@@ -141,6 +142,7 @@ def _train_neural(data: Path, run_dir: Path, model: str, lr: float, seed: int, c
 
 def _train_gbdt(data: Path, run_dir: Path, lr: float, seed: int, cfg: CompareConfig) -> RunResult:
     from mtfm.baselines.gbdt import GBDTConfig, run_gbdt
+    from mtfm.train.evaluate import mean_gauc
 
     # the neural models' trainer uses one thread unless told otherwise; LightGBM gets the same
     # (and with more threads than free cores its workers spin: 9x slower on a loaded 2-core VM)
