@@ -41,7 +41,9 @@ def _holder_pid(directory: Path) -> int | None:
 def test_a_second_train_into_a_running_run_fails_at_once_naming_the_run_and_the_holder(synthetic, tmp_path):
     data, _, model = synthetic
     run = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "mtfm", *train_args(data, run, model, "--max-steps", "100000")],
+    # no step limit and no early stopping: the first run must still be training when the second starts
+    long_run = train_args(data, run, model, "--max-steps", "100000", "--patience", "100000")
+    first = subprocess.Popen([sys.executable, "-m", "mtfm", *long_run],
                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: _holder_pid(run) == first.pid, "the first train takes the lock", first)
