@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtfm",
         description="MTFM: multi-scenario recommendation foundation model "
-        "(prepare data, train, evaluate, predict, serve, diagnose).",
+        "(prepare data, train, evaluate, predict, serve, diagnose, compare with baselines).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in _COMMAND_MODULES:
