@@ -302,7 +302,9 @@ def test_the_triton_backend_ignores_them_too(seed, pick, changes) -> None:
     _check_unchanged("small", seed, pick, changes, [("small", "triton", True)])
 
 
-def _check_unchanged(preset: str, seed: int, pick: int, changes: list, models: list | None = None) -> None:
+def changed_batches(seed: int, pick: int, changes: list) -> tuple[Target, tuple, tuple]:
+    """A target exposure and its sample's batch before and after ``changes`` to the raw tables
+    (each batch with the target's row), through the real aggregation and loader."""
     raw, scorer = _scorer(seed)
     rng = np.random.default_rng(pick)
     target = _pick_target(raw, rng)
@@ -310,7 +312,11 @@ def _check_unchanged(preset: str, seed: int, pick: int, changes: list, models: l
     for change in changes:
         changed = change(changed, target, rng)
     assume(any(not changed[t].equals(raw.tables[t]) for t in raw.tables))
-    original, edited = scorer.batch(raw.tables, target), scorer.batch(changed, target)
+    return target, scorer.batch(raw.tables, target), scorer.batch(changed, target)
+
+
+def _check_unchanged(preset: str, seed: int, pick: int, changes: list, models: list | None = None) -> None:
+    target, original, edited = changed_batches(seed, pick, changes)
     for variant in models or variants(preset):
         model = model_variant(*variant)
         before = score(model, *original, target.scenario)
