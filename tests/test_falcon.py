@@ -20,11 +20,11 @@ SCENARIO = SCHEMA.scenario_names[0]
 def _model(additions: bool, hta: str, backend: str) -> MTFM:
     torch.manual_seed(0)
     config = tiny_config(relative_time_bias=additions, relative_position_bias=additions, final_norm=additions,
-                         attention_backend=backend).with_hta(hta)
+                         content_match=additions, attention_backend=backend).with_hta(hta)
     model = MTFM(SCHEMA, config).double().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "gln" in name or "_bias" in name or "norm" in name:
+            if "gln" in name or "_bias" in name or "norm" in name or "match_scale" in name:
                 p.add_(0.3 * torch.randn_like(p))
     return model
 

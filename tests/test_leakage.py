@@ -52,7 +52,7 @@ LABELS = {"feed": ["click", "buy"], "coupon": ["click"]}
 
 def leak_schema(realtime_cap: int | None = None) -> DataSchema:
     """Two scenarios, one history type, two real-time types (one per behaviour table)."""
-    item = {"kind": "categorical", "name": "item", "hash_buckets": 53}
+    item = {"kind": "categorical", "name": "item", "hash_buckets": 53, "share": "item"}  # content match reads it
     return schema_from_dict({
         "user_column": "user_id",
         "time": {"column": "ts", "unit": "s"},
@@ -164,7 +164,7 @@ def _perturbed(model: MTFM, seed: int) -> MTFM:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "gln" in name or "_bias" in name or "final_norm" in name or "norm" in name:
+            if "gln" in name or "_bias" in name or "norm" in name or "match_scale" in name:
                 p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return model
 
@@ -178,7 +178,7 @@ def model_variant(preset: str, backend: str, additions: bool) -> MTFM:
     """The preset as shipped (additions off) or with every addition on; float64, eval mode."""
     config = load_model_config(preset).model_copy(update={
         "attention_backend": backend, "relative_time_bias": additions, "relative_position_bias": additions,
-        "final_norm": additions,
+        "final_norm": additions, "content_match": additions,
     })
     torch.manual_seed(0)
     return _perturbed(MTFM(leak_schema(), config).double().eval(), 1)

@@ -62,6 +62,7 @@ class AttentionLayout:
     timestamps: Tensor  # long [N]
     user: Tensor  # long [N]: user of each token
     expiry: Tensor | None = None  # long [N]: R-token visibility end (mtfm.model.mask); None: NEVER
+    content: Tensor | None = None  # float [N, W]: unit content vectors (mtfm.model.content); None: no content match
     cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

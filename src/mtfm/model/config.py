@@ -93,6 +93,18 @@ class ModelConfig(BaseModel):
         "tables, queries start equal to keys and the gate U to the values, so target attention starts by "
         "matching alike tokens (a recent click on the exposure's own cuisine); see mtfm.model.init",
     )
+    content_match: bool = Field(
+        default=False,
+        description="ADDITION (not in the paper): every attention score adds, per head and per embedding table a "
+        "scenario shares with a sequence (share: in the schema, e.g. cuisine, item_id), a learned weight times the "
+        "cosine of the query's and the key's embeddings in that table, so 'a recent click on this exposure's "
+        "cuisine' is visible from step 0 instead of waiting for W_Q and W_K to align (mtfm.model.content)",
+    )
+    content_match_init: float = Field(
+        default=1.0,
+        description="initial weight of the content match (score units, per head and shared table; learns at "
+        "the attention-bias lr, attention_bias_lr_scale)",
+    )
     time_bias_buckets: int = Field(default=32, gt=1, description="bucket = min(floor(log2(1 + |dt|)), buckets - 1)")
     time_bias_init: Literal["zero", "horizons"] = Field(
         default="zero",

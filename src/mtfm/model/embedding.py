@@ -94,28 +94,27 @@ class FeatureEmbeddings(nn.Module):
 
     def embed(self, field: str, features: FeatureTensors, num_rows: int) -> Tensor:
         """``[num_rows, out_dim(field)]``: every feature of the field, in schema order, concatenated."""
+        check_columns(describe_field(field), self.fields[field], features)
+        return torch.cat([self.embed_feature(field, feat, features, num_rows) for feat in self.fields[field]], dim=1)
+
+    def embed_feature(self, field: str, feat: Feature, features: FeatureTensors, num_rows: int) -> Tensor:
+        """``[num_rows, width]``: one feature of a field (its table row, pooled bag, or numeric encoding)."""
         where = describe_field(field)
-        check_columns(where, self.fields[field], features)
-        parts: list[Tensor] = []
-        for feat in self.fields[field]:
-            if isinstance(feat, NumericFeature):
-                encoder: nn.Linear = self.numeric[module_key(field, feat.name)]
-                x = _checked_numeric(where, feat.name, features.numeric[feat.name], num_rows)
-                parts.append(encoder(x.to(encoder.weight.dtype)[:, None]))
-                continue
-            table: nn.Embedding = self.tables[self.table_of[(field, feat.name)]]
-            if isinstance(feat, MultiCategoricalFeature):
-                values, offsets = features.multi[feat.name]
-                _check_bags(where, feat.name, values, offsets, num_rows)
-                _check_ids(where, feat.name, values, feat.cardinality)
-                parts.append(F.embedding_bag(values, table.weight, offsets, mode=feat.pooling, include_last_offset=True,
-                                             sparse=table.sparse))
-            else:
-                ids = features.categorical[feat.name]
-                _check_rows(where, feat.name, ids, num_rows)
-                _check_ids(where, feat.name, ids, feat.cardinality)
-                parts.append(table(ids))
-        return torch.cat(parts, dim=1)
+        if isinstance(feat, NumericFeature):
+            encoder: nn.Linear = self.numeric[module_key(field, feat.name)]
+            x = _checked_numeric(where, feat.name, features.numeric[feat.name], num_rows)
+            return encoder(x.to(encoder.weight.dtype)[:, None])
+        table: nn.Embedding = self.tables[self.table_of[(field, feat.name)]]
+        if isinstance(feat, MultiCategoricalFeature):
+            values, offsets = features.multi[feat.name]
+            _check_bags(where, feat.name, values, offsets, num_rows)
+            _check_ids(where, feat.name, values, feat.cardinality)
+            return F.embedding_bag(values, table.weight, offsets, mode=feat.pooling, include_last_offset=True,
+                                   sparse=table.sparse)
+        ids = features.categorical[feat.name]
+        _check_rows(where, feat.name, ids, num_rows)
+        _check_ids(where, feat.name, ids, feat.cardinality)
+        return table(ids)
 
     def subset(self, fields: list[str]) -> "FeatureEmbeddings":
         """A collection over ``fields`` only that shares (does not copy) the tables and encoders it needs."""

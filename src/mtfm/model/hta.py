@@ -40,17 +40,23 @@ class TokenGroups:
 class HTABlock(nn.Module):
     """K target-attention layers, then P full-attention layers."""
 
-    def __init__(self, config: ModelConfig, groups: list[str], target_groups: list[str], last: bool = False) -> None:
-        """``last``: the stack's last block; its last full layer is pruned when the config says so."""
+    def __init__(
+        self, config: ModelConfig, groups: list[str], target_groups: list[str], last: bool = False,
+        link_widths: list[int] | None = None,
+    ) -> None:
+        """``last``: the stack's last block; its last full layer is pruned when the config says so.
+        ``link_widths``: the content vectors' segments when the layers match content (mtfm.model.content)."""
         super().__init__()
         self.fuse_kv = config.fuse_target_kv
         self.targets = nn.ModuleList(
-            TargetAttentionLayer(config, groups, target_groups) for _ in range(config.target_layers_per_block)
+            TargetAttentionLayer(config, groups, target_groups, link_widths)
+            for _ in range(config.target_layers_per_block)
         )
         p = config.full_layers_per_block
         prune = last and config.prune_last_full_layer
         self.fulls = nn.ModuleList(
-            FullAttentionLayer(config, groups, target_groups if prune and i == p - 1 else None) for i in range(p)
+            FullAttentionLayer(config, groups, target_groups if prune and i == p - 1 else None, link_widths)
+            for i in range(p)
         )
 
     def forward(self, x: Tensor, groups: TokenGroups, layout: AttentionLayout) -> Tensor:
@@ -81,10 +87,13 @@ class HTABlock(nn.Module):
 class HTAStack(nn.Module):
     """B blocks applied in turn to the ``[N, d_model]`` tokens of a batch."""
 
-    def __init__(self, config: ModelConfig, groups: list[str], target_groups: list[str]) -> None:
+    def __init__(
+        self, config: ModelConfig, groups: list[str], target_groups: list[str], link_widths: list[int] | None = None
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            HTABlock(config, groups, target_groups, last=i == config.blocks - 1) for i in range(config.blocks)
+            HTABlock(config, groups, target_groups, last=i == config.blocks - 1, link_widths=link_widths)
+            for i in range(config.blocks)
         )
 
     def forward(self, x: Tensor, groups: TokenGroups, layout: AttentionLayout) -> Tensor:

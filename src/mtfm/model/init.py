@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from mtfm.config import NumericFeature
+from mtfm.model.content import link_tables
 from mtfm.model.embedding import FeatureEmbeddings, module_key
 from mtfm.model.layers import MLP, FullAttentionLayer, TargetAttentionLayer
 
@@ -67,15 +68,6 @@ def _feature_columns_named(
     return out
 
 
-def _link_tables(embeddings: FeatureEmbeddings) -> set[str]:
-    """Tables read by a T field and by a context (H or R) field: the only features that can make a
-    T-token and a context token alike at initialisation."""
-    readers: dict[str, set[str]] = {}
-    for (field, _), key in embeddings.table_of.items():
-        readers.setdefault(key, set()).add("T" if field.startswith("T:") else "C")
-    return {key for key, sides in readers.items() if sides == {"T", "C"}}
-
-
 def _column_variance(embeddings: FeatureEmbeddings, field: str, feature: str, key: str | None) -> float:
     """Variance of one input column at initialisation: the table's, or a numeric encoder's output
     for a standardised input (``w^2 + b^2``, averaged over its columns)."""
@@ -99,7 +91,7 @@ def align_tokenizers(embeddings: FeatureEmbeddings, tokenizers: list[tuple[MLP, 
     if len(tokenizers) < 2:
         return
     reference, _ = tokenizers[0]
-    links = _link_tables(embeddings)
+    links = set(link_tables(embeddings))
     hidden = reference[0].out_features
     unit_block: dict[str, torch.Tensor] = {}
     for mlp, fields in tokenizers:

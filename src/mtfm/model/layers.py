@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from mtfm.kernels.common import log_buckets
 from mtfm.kernels import AttentionLayout, AttentionParams, fused_gln_available, fused_group_layer_norm, hstu_attention
 from mtfm.model.config import ModelConfig
+from mtfm.model.content import append_content
 from mtfm.model.embedding import module_key
 
 if TYPE_CHECKING:
@@ -142,9 +143,12 @@ def _initial_time_bias(config: ModelConfig) -> Tensor:
 class _HSTULayer(nn.Module):
     """What full and target layers share: sizes, output projection, attention call."""
 
-    def __init__(self, config: ModelConfig, groups: list[str], output_groups: list[str]) -> None:
+    def __init__(
+        self, config: ModelConfig, groups: list[str], output_groups: list[str], link_widths: list[int] | None = None
+    ) -> None:
         super().__init__()
         self.config = config
+        self.link_widths = list(link_widths or [])
         heads, kv, dh = config.num_heads, config.num_kv_groups, config.dim_per_head
         self.heads, self.kv_groups, self.dh = heads, kv, dh
         self.gln_in = GroupLayerNorm(groups, config.d_model, config.layer_norm_eps)
@@ -155,6 +159,10 @@ class _HSTULayer(nn.Module):
         self.position_bias = (
             nn.Parameter(torch.zeros(heads, config.position_bias_buckets)) if config.relative_position_bias else None
         )
+        self.match_scale = (
+            nn.Parameter(torch.full((heads, len(self.link_widths)), config.content_match_init))
+            if self.link_widths else None
+        )
 
     def _split_kv(self, kv: Tensor) -> tuple[Tensor, Tensor]:
         k, v = kv.split(self.kv_groups * self.dh, dim=-1)
@@ -162,7 +170,16 @@ class _HSTULayer(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, queries, layout: AttentionLayout) -> Tensor:
         params = _attention_params(self.config, self.time_bias, self.position_bias)
-        a = hstu_attention(q.reshape(-1, self.heads, self.dh), k, v, queries, layout, params, self.config.attention_backend)
+        q = q.reshape(-1, self.heads, self.dh)
+        if self.match_scale is not None:
+            if layout.content is None:
+                raise ValueError(
+                    "this layer matches content (content_match) but the attention layout carries no content "
+                    "vectors; build the layout with MTFMBase.attention_layout(batch)"
+                )
+            q, k = append_content(q, k, layout.content, queries.index, layout.token_type, self.match_scale,
+                                  self.link_widths, params.alpha)
+        a = hstu_attention(q, k, v, queries, layout, params, self.config.attention_backend)
         return a.reshape(-1, self.heads * self.dh)
 
     def _output(self, x: Tensor, a: Tensor, u: Tensor, out_groups: Tensor) -> Tensor:
@@ -179,9 +196,12 @@ class FullAttentionLayer(_HSTULayer):
     exactly the unpruned layer; the other rows are returned unchanged.
     """
 
-    def __init__(self, config: ModelConfig, groups: list[str], target_groups: list[str] | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, groups: list[str], target_groups: list[str] | None = None,
+        link_widths: list[int] | None = None,
+    ) -> None:
         self.pruned = target_groups is not None
-        super().__init__(config, groups, target_groups if target_groups is not None else groups)
+        super().__init__(config, groups, target_groups if target_groups is not None else groups, link_widths)
         width = self.heads * self.dh
         self.f1 = nn.Linear(config.d_model, 2 * width + 2 * self.kv_groups * self.dh)
 
@@ -226,8 +246,10 @@ class TargetAttentionLayer(_HSTULayer):
     the T groups (only T rows are updated).
     """
 
-    def __init__(self, config: ModelConfig, groups: list[str], target_groups: list[str]) -> None:
-        super().__init__(config, groups, target_groups)
+    def __init__(
+        self, config: ModelConfig, groups: list[str], target_groups: list[str], link_widths: list[int] | None = None
+    ) -> None:
+        super().__init__(config, groups, target_groups, link_widths)
         width = self.heads * self.dh
         self.f_uq = nn.Linear(config.d_model, 2 * width)
         self.f_kv = nn.Linear(config.d_model, 2 * self.kv_groups * self.dh)

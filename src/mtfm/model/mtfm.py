@@ -31,6 +31,7 @@ from mtfm.config import DataSchema
 from mtfm.data.batch import TOKEN_H, TOKEN_R, TOKEN_T, JaggedBatch
 from mtfm.kernels import AttentionLayout
 from mtfm.model.config import ModelConfig
+from mtfm.model.content import batch_content, in_layout_order, link_tables, link_widths
 from mtfm.model.embedding import FeatureEmbeddings, check_columns, describe_field
 from mtfm.model.heads import MMoE
 from mtfm.model.hta import HTAStack, TokenGroups
@@ -87,7 +88,10 @@ class MTFMBase(nn.Module):
         stack: HTAStack,
         final_norm: GroupLayerNorm | None,
         head: MMoE,
+        content_links: list[str] | None = None,
     ) -> None:
+        """``content_links``: the shared tables whose content vectors the attention matches
+        (``config.content_match``, :mod:`mtfm.model.content`); empty or None: no content match."""
         super().__init__()
         self.schema, self.config = schema, config
         self.groups = schema.token_groups()
@@ -101,11 +105,21 @@ class MTFMBase(nn.Module):
         self.stack = stack
         self.final_norm = final_norm
         self.head = head
+        self.content_links = list(content_links or [])
 
     # ---- forward ---------------------------------------------------------------------------
 
-    def forward(self, batch: JaggedBatch) -> ModelOutput:
+    def attention_layout(self, batch: JaggedBatch) -> AttentionLayout:
+        """The batch's attention metadata, with every token's content vector when the model matches content."""
         layout = AttentionLayout.from_token_layout(batch.layout)
+        if self.content_links:
+            layout.content = batch_content(
+                self.embeddings, self.content_links, batch, lambda name: _scenario_fields(name, self.embeddings.fields)
+            )
+        return layout
+
+    def forward(self, batch: JaggedBatch) -> ModelOutput:
+        layout = self.attention_layout(batch)
         groups = self._token_groups(batch, layout)
         x = self._tokens(batch)
         x = self.stack(x, groups, layout)
@@ -159,10 +173,7 @@ class MTFMBase(nn.Module):
                 else:
                     check_columns(describe_field(field), [], getattr(scenario, part))
             parts.append(self.scenario_tokenizers[name](torch.cat(embs, dim=1)))
-        sizes = torch.tensor([p.shape[0] for p in parts], dtype=torch.long, device=batch.layout.group_ids.device)
-        base = torch.cumsum(sizes, 0) - sizes
-        flat = torch.cat(parts)
-        return flat.index_select(0, base[batch.layout.group_ids] + batch.layout.source_row)
+        return in_layout_order(parts, batch)
 
     # ---- loss ------------------------------------------------------------------------------
 
@@ -227,10 +238,16 @@ class MTFM(MTFMBase):
             scenarios[sc.name] = tokenizer(width)
         groups = schema.token_groups()
         target_groups = [f"T:{s}" for s in schema.scenario_names]
-        stack = HTAStack(config, groups, target_groups)
+        links = link_tables(embeddings) if config.content_match else []
+        if config.content_match and not links:
+            raise ValueError(
+                "content_match needs an embedding table that a scenario shares with a history or real-time sequence "
+                "(declare it with 'share: NAME' on both features in the data schema); this schema shares none"
+            )
+        stack = HTAStack(config, groups, target_groups, link_widths(embeddings, links))
         final_norm = GroupLayerNorm(target_groups, config.d_model, config.layer_norm_eps) if config.final_norm else None
         head = MMoE(config, {s.name: s.task_names for s in schema.scenarios})
-        super().__init__(schema, config, embeddings, history, realtime, scenarios, stack, final_norm, head)
+        super().__init__(schema, config, embeddings, history, realtime, scenarios, stack, final_norm, head, links)
         if config.similarity_init:
             tokenizers = [(history[s.name], [f"H:{s.name}"]) for s in schema.history]
             tokenizers += [(realtime[s.name], [f"R:{s.name}"]) for s in schema.realtime]
@@ -267,5 +284,6 @@ class ScenarioSubgraph(MTFMBase):
             model.stack.subset(groups, target_groups),
             model.final_norm.subset(target_groups) if model.final_norm is not None else None,
             model.head.subset(name),
+            model.content_links,
         )
         self.scenario = name

@@ -77,7 +77,7 @@ def _check_one_user(batch: JaggedBatch) -> None:
 
 def _split_request(model: MTFMBase, batch: JaggedBatch) -> _Request:
     _check_one_user(batch)
-    layout = AttentionLayout.from_token_layout(batch.layout)
+    layout = model.attention_layout(batch)
     groups = model._token_groups(batch, layout)
     x = model._tokens(batch)
     ctx, tgt = layout.context().index, layout.queries("target").index
@@ -90,7 +90,9 @@ def _context_layout(req: _Request) -> AttentionLayout:
     ctx = req.ctx
     lay = req.layout
     offsets = torch.tensor([0, ctx.numel()], dtype=torch.long, device=ctx.device)
-    return AttentionLayout(offsets, lay.token_type[ctx], lay.timestamps[ctx], torch.zeros_like(ctx), lay.expiry[ctx])
+    content = lay.content.index_select(0, ctx) if lay.content is not None else None
+    return AttentionLayout(offsets, lay.token_type[ctx], lay.timestamps[ctx], torch.zeros_like(ctx), lay.expiry[ctx],
+                           content)
 
 
 @torch.no_grad()
@@ -122,12 +124,16 @@ def _candidate_layout(prefix: UserPrefix, req: _Request, rows: Tensor) -> Attent
     tgt = req.tgt.index_select(0, rows)
     n = prefix.num_tokens + rows.numel()
     offsets = torch.tensor([0, n], dtype=torch.long, device=rows.device)
+    content = None
+    if lay.content is not None:  # the request's own context rows: the prefix was built from the same context
+        content = torch.cat([lay.content.index_select(0, req.ctx), lay.content.index_select(0, tgt)])
     return AttentionLayout(
         offsets,
         torch.cat([prefix.token_type, lay.token_type[tgt]]),
         torch.cat([prefix.timestamps, lay.timestamps[tgt]]),
         torch.zeros(n, dtype=torch.long, device=rows.device),
         torch.cat([prefix.expiry, lay.expiry[tgt]]),
+        content,
     )
 
 

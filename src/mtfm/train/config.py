@@ -62,7 +62,7 @@ class TrainConfig(BaseModel):
     )
     attention_bias_lr_scale: float = Field(
         default=1.0, gt=0,
-        description="the attention's relative time / position biases learn at lr times this. Adam moves a "
+        description="the attention's relative time / position biases and content-match weights learn at lr times this. Adam moves a "
         "parameter by about lr per step, so at lr 3e-4 a bias needs ~10,000 steps to reach -3 and make a head "
         "ignore old actions; weights move as fast but act through products, biases do not",
     )

@@ -28,7 +28,7 @@ from torch import nn
 
 from mtfm.train.config import TrainConfig
 
-ATTENTION_BIAS_NAMES = ("time_bias", "position_bias")
+ATTENTION_BIAS_NAMES = ("time_bias", "position_bias", "match_scale")  # scalars in score units (content match too)
 
 
 def embedding_modules(model: nn.Module) -> list[nn.Embedding | nn.EmbeddingBag]:
