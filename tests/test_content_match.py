@@ -11,6 +11,7 @@ from mtfm.data.batch import TOKEN_R, TOKEN_T
 from mtfm.kernels import AttentionLayout
 from mtfm.model import MTFM
 from mtfm.model.content import append_content, link_tables
+from mtfm.sharing import format_sharing_plan
 from mtfm.model.testing import random_batch, schema_from_dict, tiny_config, tiny_schema
 
 torch.set_num_threads(1)
@@ -134,7 +135,7 @@ def test_a_scenario_subgraph_matches_content_as_the_full_model_does() -> None:
             torch.testing.assert_close(sub(restrict_batch(batch, [name])).logits[name], want, atol=1e-12, rtol=0)
 
 
-def test_without_a_shared_table_content_match_is_a_clear_error() -> None:
+def test_without_a_shared_table_content_match_is_off_and_the_sharing_plan_says_so() -> None:
     schema = schema_from_dict({
         "window": 100, "split": {"valid_fraction": 0.1, "test_fraction": 0.1},
         "history": [{"name": "clicks", "table": "clicks", "max_len": 5,
@@ -143,8 +144,10 @@ def test_without_a_shared_table_content_match_is_a_clear_error() -> None:
                        "item_features": [{"name": "item_id", "kind": "categorical", "num_embeddings": 9}],
                        "tasks": [{"name": "ctr", "labels": ["click"]}]}],
     }, "<no shares>")
-    with pytest.raises(ValueError, match="content_match needs an embedding table .* share"):
-        MTFM(schema, tiny_config(content_match=True))
+    model = MTFM(schema, tiny_config(content_match=True))
+    assert model.content_links == [] and all(l.match_scale is None for b in model.stack.blocks for l in b.targets)
+    assert "no table is shared by a scenario and a sequence" in format_sharing_plan(schema)
+    assert "content match (model option content_match) compares: 'item_id', 'tags'" in format_sharing_plan(SCHEMA)
 
 
 def test_a_layout_without_content_vectors_is_refused() -> None:

@@ -85,7 +85,24 @@ def format_sharing_plan(schema: DataSchema, max_unshared: int = 8) -> str:
         shown = ", ".join(f"{_where(t.members[0][1])}.{t.members[0][2].name}" for t in unshared[:max_unshared])
         more = f", ... (+{len(unshared) - max_unshared})" if len(unshared) > max_unshared else ""
         lines.append(f"  unshared ({len(unshared)}): {shown}{more}")
+    links = content_link_shares(schema)
+    if links:
+        lines.append(f"  content match (model option content_match) compares: {', '.join(map(repr, links))}")
+    else:
+        lines.append("  content match (model option content_match): no table is shared by a scenario and a sequence, "
+                     "so a model with it on runs without it")
     return "\n".join(lines)
+
+
+def content_link_shares(schema: DataSchema) -> list[str]:
+    """Share names read by a scenario's feature and by a history or real-time feature: what the
+    model's content match compares (:mod:`mtfm.model.content`), sorted."""
+    links = []
+    for t in sharing_plan(schema):
+        sides = {"T" if fld.startswith("T:") else "C" for _, fld, _ in t.members}
+        if t.share is not None and sides == {"T", "C"}:
+            links.append(t.share)
+    return sorted(links)
 
 
 # --------------------------------------------------------------------------------------------

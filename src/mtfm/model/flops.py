@@ -63,7 +63,9 @@ def count_flops(model: MTFMBase, batch: JaggedBatch) -> dict[str, int]:
     n_tokens, n_t = int(is_t.shape[0]), int(is_t.sum())
     t_per_user = torch.bincount(user[is_t], minlength=lengths.shape[0])
     ctx_per_user = lengths - t_per_user
-    pair = 4 * dh * heads  # one (query, key) pair: 2*dh for Q.K and 2*dh for A.V, per head
+    first = next((l for b in model.stack.blocks for l in (*b.targets, *b.fulls)), None)
+    content = sum(first.link_widths) if first is not None else 0  # content-match columns of Q and K
+    pair = 2 * (dh + content) * heads + 2 * dh * heads  # one (query, key) pair: Q.K and A.V, per head
     full_pairs = int((lengths * ctx_per_user).sum()) + n_t
     target_pairs = int((t_per_user * ctx_per_user).sum()) + n_t
 

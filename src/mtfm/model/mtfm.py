@@ -238,12 +238,9 @@ class MTFM(MTFMBase):
             scenarios[sc.name] = tokenizer(width)
         groups = schema.token_groups()
         target_groups = [f"T:{s}" for s in schema.scenario_names]
+        # content_match without a table shared by a scenario and a sequence has nothing to compare: the
+        # model runs without it (the sharing plan that prepare and train print says so; content_links is empty)
         links = link_tables(embeddings) if config.content_match else []
-        if config.content_match and not links:
-            raise ValueError(
-                "content_match needs an embedding table that a scenario shares with a history or real-time sequence "
-                "(declare it with 'share: NAME' on both features in the data schema); this schema shares none"
-            )
         stack = HTAStack(config, groups, target_groups, link_widths(embeddings, links))
         final_norm = GroupLayerNorm(target_groups, config.d_model, config.layer_norm_eps) if config.final_norm else None
         head = MMoE(config, {s.name: s.task_names for s in schema.scenarios})
