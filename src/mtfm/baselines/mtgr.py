@@ -34,7 +34,9 @@ addition). What is adapted to this data:
 * the loss is the same masked BCE per task as the other per-scenario baselines (``task_mean``).
 
 Default size (``DEFAULT_NETWORK``): MTFM's small preset (``d_model`` 64, 2 heads, same
-tokenizers and MMoE) with the stack ``(0:6)x1``, six full-attention HSTU layers. Why six: on the 2,000-user synthetic world (batch 64 users, 1 CPU
+tokenizers and MMoE, and its attention additions: content match and the relative time bias, so
+the HSTU baseline gets every attention improvement MTFM gets) with the stack ``(0:6)x1``, six
+full-attention HSTU layers. Why six: on the 2,000-user synthetic world (batch 64 users, 1 CPU
 thread, CPU time per fwd+bwd+Adam step, same batches interleaved) MTFM small costs 1.0x,
 ``(0:2)x1`` 0.90x, ``(0:4)x1`` 1.45x, ``(0:6)x1`` 1.89x, ``(0:8)x1`` 2.45x: every full layer adds
 about a quarter of an MTFM-small step. Six layers keep a step under 2x MTFM small; a candidate
