@@ -19,6 +19,10 @@ A key hidden from ``q`` (an R action after it, or one outside its ``max_len`` vi
 never shifts ``q``'s gaps: a T query's gap to a key is how many of the keys it sees lie at or
 after that key. See :func:`visible_rank_gap`.
 
+The content match (:mod:`mtfm.model.content`) reaches the backends as ordinary query and key
+columns: a layer that has it appends them before the call, so ``Q`` and ``K`` may be wider than
+``V`` and no backend knows about it.
+
 Keys and values are given for *all* N tokens of the batch (flat, in ``TokenLayout`` order);
 queries are a subset (:class:`QuerySet`): every token for a full-attention layer, the T-tokens
 for a target-attention layer.
