@@ -48,7 +48,10 @@ def test_the_augmented_dot_product_adds_weight_times_cosine_on_context_keys_only
     query_index = torch.tensor([3, 4, 5])
     scale = torch.randn(heads, len(widths), generator=g, dtype=torch.float64)
     alpha = 0.3
-    q2, k2 = append_content(q, k, content, query_index, token_type, scale, widths, alpha)
+    layout = AttentionLayout(torch.tensor([0, n]), token_type, torch.arange(n), torch.zeros(n, dtype=torch.long),
+                             content=content)
+    weight = scale.repeat_interleave(torch.tensor(widths), dim=1) / alpha  # as the layer passes it
+    q2, k2 = append_content(q, k, layout, query_index, weight)
     for qi, token in enumerate(query_index.tolist()):
         for key in range(n):
             for h in range(heads):

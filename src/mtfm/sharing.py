@@ -16,6 +16,7 @@ declarations (named as the old tables were, so their weights load unchanged).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from mtfm.config import CategoricalFeature, DataSchema, MultiCategoricalFeature, schema_from_dict
@@ -97,12 +98,15 @@ def format_sharing_plan(schema: DataSchema, max_unshared: int = 8) -> str:
 def content_link_shares(schema: DataSchema) -> list[str]:
     """Share names read by a scenario's feature and by a history or real-time feature: what the
     model's content match compares (:mod:`mtfm.model.content`), sorted."""
-    links = []
-    for t in sharing_plan(schema):
-        sides = {"T" if fld.startswith("T:") else "C" for _, fld, _ in t.members}
-        if t.share is not None and sides == {"T", "C"}:
-            links.append(t.share)
-    return sorted(links)
+    return sorted(t.share for t in sharing_plan(schema)
+                  if t.share is not None and links_scenario_and_sequence(fld for _, fld, _ in t.members))
+
+
+def links_scenario_and_sequence(fields: Iterable[str]) -> bool:
+    """Whether a table read by these model fields is read by a scenario (``T:...``) and by a history
+    or real-time sequence (``H:`` / ``R:``): the one rule of what the content match compares."""
+    sides = {"T" if field.startswith("T:") else "C" for field in fields}
+    return sides == {"T", "C"}
 
 
 # --------------------------------------------------------------------------------------------

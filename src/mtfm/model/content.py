@@ -37,16 +37,18 @@ from torch import Tensor
 
 from mtfm.config import NumericFeature
 from mtfm.data.batch import TOKEN_T, JaggedBatch
+from mtfm.kernels.common import AttentionLayout
 from mtfm.model.embedding import FeatureEmbeddings
+from mtfm.sharing import links_scenario_and_sequence
 
 
 def link_tables(embeddings: FeatureEmbeddings) -> list[str]:
     """Tables read by a T field and by a context (H or R) field, sorted: the only features that
-    can make a T-token and a context token alike."""
-    readers: dict[str, set[str]] = {}
+    can make a T-token and a context token alike (the rule: :func:`mtfm.sharing.links_scenario_and_sequence`)."""
+    readers: dict[str, list[str]] = {}
     for (field, _), key in embeddings.table_of.items():
-        readers.setdefault(key, set()).add("T" if field.startswith("T:") else "C")
-    return sorted(key for key, sides in readers.items() if sides == {"T", "C"})
+        readers.setdefault(key, []).append(field)
+    return sorted(key for key, fields in readers.items() if links_scenario_and_sequence(fields))
 
 
 def link_widths(embeddings: FeatureEmbeddings, links: list[str]) -> list[int]:
@@ -54,54 +56,40 @@ def link_widths(embeddings: FeatureEmbeddings, links: list[str]) -> list[int]:
     return [embeddings.tables[key].embedding_dim for key in links]
 
 
-def field_content(embeddings: FeatureEmbeddings, links: list[str], field: str, features, num_rows: int) -> Tensor:
-    """``[num_rows, sum(widths)]``: per link table, the unit vector of what this field reads from it.
+def token_content(embeddings: FeatureEmbeddings, links: list[str], sources: list[tuple[str, object]], num_rows: int) -> Tensor:
+    """``[num_rows, sum(widths)]``: per link table, the unit vector of what one kind of token reads from it.
 
-    Several features of one field reading one table (rare) are summed before normalising; a
-    table the field does not read gives zeros (no match with anything).
+    ``sources``: the token's embedding fields with their feature tensors (one for a sequence token;
+    a scenario's user, cross and item parts for a T-token). Several features reading one table
+    (rare) are summed before normalising; a table the token does not read gives zeros (no match).
     """
     parts: list[Tensor] = []
     for key in links:
-        width = embeddings.tables[key].embedding_dim
         vectors = [
             embeddings.embed_feature(field, feat, features, num_rows)
+            for field, features in sources
             for feat in embeddings.fields[field]
             if not isinstance(feat, NumericFeature) and embeddings.table_of[(field, feat.name)] == key
         ]
         if vectors:
             parts.append(F.normalize(torch.stack(vectors).sum(0), dim=-1))
         else:
-            parts.append(embeddings.tables[key].weight.new_zeros((num_rows, width)))
+            parts.append(embeddings.tables[key].weight.new_zeros((num_rows, embeddings.tables[key].embedding_dim)))
     return torch.cat(parts, dim=1)
 
 
-def batch_content(embeddings: FeatureEmbeddings, links: list[str], batch: JaggedBatch, fields_of_scenario) -> Tensor:
-    """``[N, sum(widths)]``: every token's content vector, in the batch's layout order.
-
-    ``fields_of_scenario(name)``: the embedding fields of a scenario's T-token (its user, cross
-    and item parts that have features).
-    """
+def batch_content(embeddings: FeatureEmbeddings, links: list[str], batch: JaggedBatch) -> Tensor:
+    """``[N, sum(widths)]``: every token's content vector, in the batch's layout order."""
     parts: list[Tensor] = []
     for name, seq in batch.history.items():
-        parts.append(field_content(embeddings, links, f"H:{name}", seq.features, seq.num_rows))
+        parts.append(token_content(embeddings, links, [(f"H:{name}", seq.features)], seq.num_rows))
     for name, seq in batch.realtime.items():
-        parts.append(field_content(embeddings, links, f"R:{name}", seq.features, seq.num_rows))
+        parts.append(token_content(embeddings, links, [(f"R:{name}", seq.features)], seq.num_rows))
     for name, scenario in batch.scenarios.items():
-        per_part = [
-            field_content(embeddings, links, field, getattr(scenario, field.rsplit(":", 1)[1]), scenario.num_rows)
-            for field in fields_of_scenario(name)
-        ]
-        parts.append(_merge_parts(per_part, links, embeddings, scenario.num_rows))
+        sources = [(f"T:{name}:{part}", getattr(scenario, part)) for part in ("user", "cross", "item")
+                   if f"T:{name}:{part}" in embeddings.fields]
+        parts.append(token_content(embeddings, links, sources, scenario.num_rows))
     return in_layout_order(parts, batch)
-
-
-def _merge_parts(per_part: list[Tensor], links: list[str], embeddings: FeatureEmbeddings, num_rows: int) -> Tensor:
-    """A T-token's content from its parts: per table, the normalised sum of the parts that read it."""
-    widths = link_widths(embeddings, links)
-    if not per_part:
-        return embeddings.tables[links[0]].weight.new_zeros((num_rows, sum(widths)))
-    total = torch.stack(per_part).sum(0)
-    return torch.cat([F.normalize(seg, dim=-1) for seg in total.split(widths, dim=1)], dim=1)
 
 
 def in_layout_order(parts: list[Tensor], batch: JaggedBatch) -> Tensor:
@@ -112,18 +100,23 @@ def in_layout_order(parts: list[Tensor], batch: JaggedBatch) -> Tensor:
     return torch.cat(parts).index_select(0, base[batch.layout.group_ids] + batch.layout.source_row)
 
 
-def append_content(
-    q: Tensor, k: Tensor, content: Tensor, query_index: Tensor, token_type: Tensor,
-    scale: Tensor, widths: list[int], alpha: float,
-) -> tuple[Tensor, Tensor]:
+def append_content(q: Tensor, k: Tensor, layout: AttentionLayout, query_index: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """Queries ``[Nq, H, d + W]`` and keys ``[N, G, d + W]`` whose dot product adds the content match.
 
-    ``content [N, W]``: unit content vectors of all tokens (:func:`batch_content`); ``query_index``:
-    the query tokens' rows in it; ``scale [H, F]``: the layer's weight per head and link table;
-    ``alpha``: the attention's scale of ``<Q, K>`` (divided out so ``scale`` is in score units).
-    T-tokens' keys get zero content (see the module docstring).
+    ``layout.content [N, W]``: unit content vectors of all tokens (:func:`batch_content`);
+    ``query_index``: the query tokens' rows in it; ``weight [H, W]``: the layer's weight per head,
+    one column per content column, already divided by the attention's ``alpha`` (so the weights
+    are in score units). T-tokens' keys carry no content (see the module docstring); those keys
+    are built once per layout and shared by all layers.
     """
-    per_column = scale.repeat_interleave(torch.tensor(widths, device=scale.device), dim=1) / alpha  # [H, W]
-    q_content = content.index_select(0, query_index)[:, None, :] * per_column[None]
-    k_content = content.masked_fill((token_type == TOKEN_T)[:, None], 0.0)[:, None, :].expand(-1, k.shape[1], -1)
+    if layout.content is None:
+        raise ValueError(
+            "this layer matches content (content_match) but the attention layout carries no content "
+            "vectors; build the layout with MTFMBase.attention_layout(batch)"
+        )
+    key = ("content_keys",)
+    if key not in layout.cache:
+        layout.cache[key] = layout.content.masked_fill((layout.token_type == TOKEN_T)[:, None], 0.0)
+    q_content = layout.content.index_select(0, query_index)[:, None, :] * weight[None]
+    k_content = layout.cache[key][:, None, :].expand(-1, k.shape[1], -1)
     return torch.cat([q, q_content.to(q.dtype)], dim=-1), torch.cat([k, k_content.to(k.dtype)], dim=-1)

@@ -163,6 +163,8 @@ class _HSTULayer(nn.Module):
             nn.Parameter(torch.full((heads, len(self.link_widths)), config.content_match_init))
             if self.link_widths else None
         )
+        # columns of the content vector per link table (a buffer: it follows the layer's device)
+        self.register_buffer("_link_columns", torch.tensor(self.link_widths, dtype=torch.long), persistent=False)
 
     def _split_kv(self, kv: Tensor) -> tuple[Tensor, Tensor]:
         k, v = kv.split(self.kv_groups * self.dh, dim=-1)
@@ -172,13 +174,8 @@ class _HSTULayer(nn.Module):
         params = _attention_params(self.config, self.time_bias, self.position_bias)
         q = q.reshape(-1, self.heads, self.dh)
         if self.match_scale is not None:
-            if layout.content is None:
-                raise ValueError(
-                    "this layer matches content (content_match) but the attention layout carries no content "
-                    "vectors; build the layout with MTFMBase.attention_layout(batch)"
-                )
-            q, k = append_content(q, k, layout.content, queries.index, layout.token_type, self.match_scale,
-                                  self.link_widths, params.alpha)
+            weight = self.match_scale.repeat_interleave(self._link_columns, dim=1) / params.alpha  # [H, W]
+            q, k = append_content(q, k, layout, queries.index, weight)
         a = hstu_attention(q, k, v, queries, layout, params, self.config.attention_backend)
         return a.reshape(-1, self.heads * self.dh)
 

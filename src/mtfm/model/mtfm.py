@@ -113,9 +113,7 @@ class MTFMBase(nn.Module):
         """The batch's attention metadata, with every token's content vector when the model matches content."""
         layout = AttentionLayout.from_token_layout(batch.layout)
         if self.content_links:
-            layout.content = batch_content(
-                self.embeddings, self.content_links, batch, lambda name: _scenario_fields(name, self.embeddings.fields)
-            )
+            layout.content = batch_content(self.embeddings, self.content_links, batch)
         return layout
 
     def forward(self, batch: JaggedBatch) -> ModelOutput:
