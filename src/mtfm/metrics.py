@@ -43,13 +43,26 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> GaucResult:
-    """Exposure-weighted mean of per-user AUC (ties in score count one half)."""
+@dataclass(frozen=True)
+class PerUserAuc:
+    """Each scored user's AUC and exposure count (users with both classes), for GAUC and its bootstrap."""
+
+    users: np.ndarray  # the user ids, ascending
+    auc: np.ndarray
+    exposures: np.ndarray
+    users_skipped_single_class: int
+
+
+def per_user_auc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> PerUserAuc:
+    """The AUC of every user with both classes (ties in score count one half), vectorised.
+
+    GAUC is their exposure-weighted mean (:func:`gauc`); a user-level bootstrap resamples them
+    (``mtfm.bench.scaling``), which is why they are exposed and not only their mean."""
     users, labels, scores = np.asarray(users), np.asarray(labels).astype(np.int8), np.asarray(scores, dtype=np.float64)
     if not (users.shape == labels.shape == scores.shape):
         raise ValueError(f"gauc: users {users.shape}, labels {labels.shape}, scores {scores.shape} differ in shape")
     if users.size == 0:
-        return GaucResult(float("nan"), 0, 0, 0)
+        return PerUserAuc(users[:0], np.zeros(0), np.zeros(0), 0)
     order = np.lexsort((scores, users))
     u, y, s = users[order], labels[order], scores[order]
     n = u.size
@@ -69,9 +82,15 @@ def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> GaucResul
     rank_sum_pos = np.bincount(user_id_of_row, weights=rank * y, minlength=n_users)
     valid = (pos > 0) & (neg > 0)
     user_auc = (rank_sum_pos[valid] - pos[valid] * (pos[valid] + 1) / 2) / (pos[valid] * neg[valid])
-    weights = cnt[valid]
-    value = float(np.sum(user_auc * weights) / np.sum(weights)) if valid.any() else float("nan")
-    return GaucResult(value, int(valid.sum()), int((~valid).sum()), int(weights.sum()))
+    return PerUserAuc(u[user_start][valid], user_auc, cnt[valid], int((~valid).sum()))
+
+
+def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> GaucResult:
+    """Exposure-weighted mean of per-user AUC (ties in score count one half)."""
+    per_user = per_user_auc(users, labels, scores)
+    weights = per_user.exposures
+    value = float(np.sum(per_user.auc * weights) / np.sum(weights)) if weights.size else float("nan")
+    return GaucResult(value, int(weights.size), per_user.users_skipped_single_class, int(weights.sum()))
 
 
 def logloss(labels: np.ndarray, probs: np.ndarray) -> float:

@@ -116,3 +116,21 @@ def _numeric_flops(model: MTFMBase, batch: JaggedBatch) -> int:
         numeric = sum(1 for f in features if f.kind == "numeric")
         total += 2 * rows.get(field, 0) * numeric * model.embeddings.numeric_dim
     return total
+
+
+def measured_forward_flops(model: nn.Module, batches: list[JaggedBatch]) -> int:
+    """Matmul FLOPs of ``model``'s forward over ``batches`` as torch's ``FlopCounterMode`` counts them.
+
+    For models without an analytic count (the baselines): every matmul the forward runs, masked
+    or padded entries included, so for a masked model it is an upper bound of :func:`count_flops`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            for batch in batches:
+                model(batch)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
