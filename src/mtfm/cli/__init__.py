@@ -19,6 +19,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mtfm.cli.predict",
     "mtfm.cli.serve",
     "mtfm.cli.diagnose",
+    "mtfm.cli.explain",
     "mtfm.cli.compare",
     "mtfm.cli.demo",
     "mtfm.cli.bench",

@@ -5,9 +5,20 @@ the batch maximum, build the dense ``[B, Lq, Lk]`` mask from the rule in
 :mod:`mtfm.model.mask` (over *all* tokens, T-tokens included), repeat each key/value group for
 its ``H / G`` query heads, and compute ``SiLU(alpha Q K^T + bias) * M / n`` times ``V``.
 It pays for padding and for the always-masked T columns; that is the point: nothing clever.
+
+:func:`record_scores` is the one window into it: inside that block every call also appends a
+:class:`ScoreRecord` (its inputs, the masked score matrix it multiplies with ``V``, and where each
+padded row and column comes from). Only ``mtfm explain`` (:mod:`mtfm.explain`) uses it, so its
+heatmaps are the numbers this function computes, not a second implementation that could drift;
+outside the block nothing is recorded and nothing changes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +35,42 @@ from mtfm.kernels.common import (
     visible_rank_gap,
 )
 from mtfm.model.mask import visible
+
+
+@dataclass(frozen=True)
+class ScoreRecord:
+    """One :func:`reference_attention` call seen by :func:`record_scores`.
+
+    ``weights [B, H, Lq, Lk]``: ``SiLU(alpha Q K^T + bias) * M / n`` exactly as multiplied with ``V``
+    (zero where masked); ``mask [B, Lq, Lk]``: the dynamic mask; ``q_token [B, Lq]`` / ``k_token
+    [B, Lk]``: the flat token position of each padded row / column (-1: padding). The call's own
+    inputs are kept (not copied) so a test can rerun them on another backend.
+    """
+
+    weights: Tensor
+    mask: Tensor
+    q_token: Tensor
+    k_token: Tensor
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    queries: QuerySet
+    layout: AttentionLayout
+    params: AttentionParams
+
+
+_RECORDS: ContextVar[list[ScoreRecord] | None] = ContextVar("mtfm_reference_score_records", default=None)
+
+
+@contextmanager
+def record_scores() -> Iterator[list[ScoreRecord]]:
+    """Collect a :class:`ScoreRecord` of every :func:`reference_attention` call in the block, in call order."""
+    records: list[ScoreRecord] = []
+    token = _RECORDS.set(records)
+    try:
+        yield records
+    finally:
+        _RECORDS.reset(token)
 
 
 def _pad(values: Tensor, user: Tensor, pos: Tensor, batch: int, length: int) -> Tensor:
@@ -79,4 +126,8 @@ def reference_attention(
         scores = scores + params.bias[:, index].permute(1, 0, 2, 3)
     weights = torch.where(mask[:, None], F.silu(scores), torch.zeros_like(scores)) * params.norm
     out = torch.einsum("bhqk,bkhd->bqhd", weights, vh)
+    records = _RECORDS.get()
+    if records is not None:
+        records.append(ScoreRecord(weights.detach(), mask, torch.where(q_valid, q_flat, -1),
+                                   torch.where(k_valid, k_flat, -1), q, k, v, queries, layout, params))
     return out[q_user, q_slot]
