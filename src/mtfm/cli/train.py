@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mtfm.dirlock import hold_dir_lock
 from mtfm.train.config import TrainConfig, load_train_config, train_config_from_dict
+from mtfm.train.extend import FREEZE_MODES, WarmStart
 from mtfm.train.models import ARCHS
 from mtfm.train.selection import Selection, SelectionError
 
@@ -91,6 +92,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-other-data", action="store_true",
                    help="with --resume: continue although DIR is not the data RUN was trained on (its manifest "
                         "fingerprint differs); refused without this flag")
+    p.add_argument("--init-from", metavar="RUN", default=None,
+                   help="warm start (e.g. to add a scenario): copy every parameter of RUN's best snapshot (or of a "
+                        "checkpoint directory) whose name and shape this model has; the rest (a new scenario's "
+                        "tokenizer, GLN group, heads, own tables) starts fresh. Refused, naming the field or tensor, "
+                        "when the model config, a shape or a table's ids differ (mtfm.train.extend)")
+    p.add_argument("--freeze", choices=FREEZE_MODES, default=None,
+                   help="with --init-from: none (default) fine-tunes everything; backbone freezes RUN's HTA stack "
+                        "weights; shared freezes everything copied from RUN (its scenarios then score as in RUN); "
+                        "a new scenario's own pieces, its GLN group and heads included, always train")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -123,6 +133,15 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
                                   + "command line)")
 
 
+def warm_start_from_args(args: argparse.Namespace) -> WarmStart | None:
+    """``--init-from`` / ``--freeze`` (a freeze without a run to start from is refused)."""
+    if args.init_from is None:
+        if args.freeze is not None:
+            raise ValueError("--freeze needs --init-from RUN (the run whose weights are kept)")
+        return None
+    return WarmStart(Path(args.init_from), args.freeze or "none")
+
+
 def model_config_from_args(arch: str, model: str | None) -> dict:
     if arch == "mtfm":
         from mtfm.model.config import load_model_config
@@ -151,13 +170,14 @@ def _run_locked(args: argparse.Namespace) -> int:
     from mtfm.train.trainer import train_from_data
 
     cfg = train_config_from_args(args)
+    warm_start = warm_start_from_args(args)
     if args.arch == "mtfm" and int(os.environ.get("RANK", "0")) == 0:  # which features read which table
         from mtfm.sharing import run_sharing_plan
 
         print(run_sharing_plan(args.data, _comma_list(args.scenarios), _comma_list(args.drop_inputs) or ()), flush=True)
     result = train_from_data(args.data, args.out, arch=args.arch, model_config=model_config_from_args(args.arch, args.model),
                              cfg=cfg, scenarios=_comma_list(args.scenarios), drop_inputs=_comma_list(args.drop_inputs) or (),
-                             resume=args.resume, allow_other_data=args.allow_other_data)
+                             resume=args.resume, allow_other_data=args.allow_other_data, warm_start=warm_start)
     m = result.metrics
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0

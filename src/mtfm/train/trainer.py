@@ -40,6 +40,8 @@ from mtfm.train.checkpoint import CheckpointError, CheckpointManager, read_json,
 from mtfm.train.config import TrainConfig, cpu_threads, describe_mismatches, resume_mismatches
 from mtfm.train.distributed import DistContext, all_max_int, all_sum_floats, same_on_all_ranks
 from mtfm.train.evaluate import Metrics, compute_metrics, gather_predictions, mean_gauc, predict
+from mtfm.train.extend import WarmStart, resume_warm_start
+from mtfm.train.extend import warm_start as extend_warm_start
 from mtfm.train.optim import clip_grad_norm, make_optimizers, use_sparse_embedding_gradients
 from mtfm.train.rundata import check_run_data, data_record
 
@@ -440,6 +442,8 @@ class Trainer:
             # DDP keeps replicas identical; checked, not assumed (padding steps must not break it)
             "ranks_in_sync": same_on_all_ranks(self.ctx, list(self.model.parameters())),
             "data": self.run_config.get("data"),
+            # --init-from: where the weights started (mtfm.train.extend); the frozen names are in config.json
+            "init": {k: v for k, v in self.run_config["init"].items() if k != "frozen"} if "init" in self.run_config else None,
             "steps": st.step,
             "epochs_completed": len(st.history),
             "padding_steps": int(all_sum_floats(self.ctx, [float(st.padding_steps)])[0]),
@@ -492,9 +496,9 @@ def _rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank, 1]).generate_state(1)[0])
 
 
-def _check_resumable(run_dir: Path, run_config: dict, data_dir: str | Path, allow_other_data: bool) -> None:
+def _check_resumable(run_dir: Path, run_config: dict, data_dir: str | Path, allow_other_data: bool) -> dict:
     """Refuse to resume a run with another model, scenarios or schema, or (unless allowed) on
-    other data than its checkpoints record."""
+    other data than its checkpoints record; return the latest checkpoint's run config."""
     candidates = CheckpointManager(run_dir).resume_candidates()
     if not candidates:
         raise CheckpointError(f"{run_dir}: no checkpoint to resume from")
@@ -504,6 +508,7 @@ def _check_resumable(run_dir: Path, run_config: dict, data_dir: str | Path, allo
         if saved.get(key) != run_config.get(key):
             raise CheckpointError(f"{latest}/config.json: the run was started with another {key!r}; cannot resume it")
     check_run_data(saved.get("data"), data_dir, run=str(run_dir), action="resume", allow_other_data=allow_other_data)
+    return saved
 
 
 def train_from_data(
@@ -517,6 +522,7 @@ def train_from_data(
     drop_inputs: Sequence[str] = (),
     resume: bool = False,
     allow_other_data: bool = False,
+    warm_start: WarmStart | None = None,
 ) -> TrainResult:
     """Train on ``data_dir`` (train split; valid split for early stopping), in one process or
     under torchrun (each rank reads its own shards). Writes checkpoints and metrics.json. The run
@@ -524,7 +530,9 @@ def train_from_data(
     one is refused unless ``allow_other_data``.
 
     ``scenarios`` and ``drop_inputs`` (kinds of :data:`mtfm.config.INPUT_KINDS`) restrict what
-    the model sees; both are recorded in the run so evaluation reads the data the same way."""
+    the model sees; both are recorded in the run so evaluation reads the data the same way.
+    ``warm_start`` (``--init-from``, ``--freeze``) copies another run's weights by name and shape
+    and freezes some (:mod:`mtfm.train.extend`); the run records it as ``init``."""
     from mtfm.data.loader import BatchLoader
     from mtfm.train.distributed import setup, teardown
     from mtfm.train.models import build_model
@@ -556,7 +564,13 @@ def train_from_data(
         },
     }
     if resume:
-        _check_resumable(Path(run_dir), run_config, data_dir, allow_other_data)
+        saved = _check_resumable(Path(run_dir), run_config, data_dir, allow_other_data)
+        init = resume_warm_start(model, saved, warm_start, str(run_dir))
+    else:
+        init = None if warm_start is None else extend_warm_start(model, run_config, warm_start, Path(run_dir),
+                                                                  verbose=ctx.is_main)
+    if init is not None:
+        run_config["init"] = init
     if ctx.is_main and (counts[1] or counts[3]):
         print(f"samples without an exposure in {schema.scenario_names} skipped: "
               f"train {int(counts[1]):,}, valid {int(counts[3]):,}")
