@@ -312,7 +312,8 @@ def plan_jobs(opts: ScalingOptions, data: Path, quiet: bool = True) -> tuple[lis
             total = sum(p.numel() for p in build_model("mmoe", mmoe, schema).parameters())
             jobs.append({**common, "name": f"mmoe-at-w{width}", "arch": "mmoe", "width": width, "model": mmoe,
                          "flops_per_exposure": mmoe_flops, "parameters": {"total": total},
-                         "run": str(opts.out / "runs" / f"mmoe-at-w{width}"), "curve": False})
+                         "run": str(opts.out / "runs" / f"mmoe-at-w{width}"), "curve": False,
+                         "checkpoint_every": None})  # no curve: only its last checkpoint is scored
             if not quiet:
                 print(f"width {width}: MTFM {flops / 1e6:.3f} MFLOPs/exposure, MMoE expert width "
                       f"{mmoe['expert_hidden'][0]}: {mmoe_flops / 1e6:.3f}", flush=True)
