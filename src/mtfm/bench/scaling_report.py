@@ -225,6 +225,7 @@ def plot_size(rows: list[dict], path: Path):
                     ax.errorbar([r["gflops"] for r in line], [r["gauc"] for r in line],
                                 yerr=[r["gauc_sd"] for r in line], fmt=style, capsize=3, label=arch.upper())
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())  # minor labels of a <1-decade axis overlap
             ax.set_title(f"{scenario} {task}")
             ax.set_xlabel("inference GFLOPs per exposure")
             ax.set_ylabel("test GAUC")
@@ -245,6 +246,7 @@ def plot_data(rows: list[dict], path: Path):
             ax.errorbar([r["tokens"] for r in line], [r["gauc"] for r in line], yerr=[r["gauc_sd"] for r in line],
                         fmt="o-", capsize=3, label=f"MTFM d_model {width}")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_title(f"{rows[0]['scenario']} {task}")
         ax.set_xlabel("training tokens seen")
         ax.set_ylabel("test GAUC")
