@@ -75,10 +75,10 @@ def test_an_existing_output_directory_is_refused_unless_overwrite(ablation, tmp_
     _, first = ablation
     out = tmp_path / "out"
     out.mkdir()
+    (out / "notes.txt").write_text("mine")
     args = ["bench", "hta", "--out", str(out), "--data", str(first / "data"), "--configs", "(0:16)x1", *TINY]
     assert main(args) == 2
-    assert "exists (pass --overwrite" in capsys.readouterr().err
-    (out / "notes.txt").write_text("mine")
+    assert "pass --overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--in-process"]) == 2
     assert "did not write" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()

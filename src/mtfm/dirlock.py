@@ -24,6 +24,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -113,3 +114,25 @@ def hold_dir_lock(directory: str | Path, command: str | None = None) -> Iterator
             if held.count == 0:
                 del _HELD[path]
                 os.close(held.fd)  # closing the descriptor releases the flock
+
+
+def claim_output_dir(out: Path, overwrite: bool, marker: str, command: str) -> None:
+    """Make ``out`` free for a command that writes a whole directory (``mtfm bench ...``, ``mtfm explain``).
+
+    A missing or empty directory is free. A non-empty one is refused unless ``overwrite``, and even
+    then only an earlier output of the same command (it holds ``marker``) is removed, never a
+    directory of other files. Call it with the directory's lock held (:func:`hold_dir_lock`)."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: exists and is not a directory")
+    if not out.is_dir():
+        return
+    if not any(out.iterdir()):
+        out.rmdir()
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace an earlier "
+                              f"`{command}` output)")
+    if not (out / marker).is_file():
+        raise FileExistsError(f"{out}: holds files `{command}` did not write (no {marker}); --overwrite "
+                              f"replaces an earlier `{command}` output only: choose another --out")
+    shutil.rmtree(out)

@@ -37,7 +37,6 @@ import math
 import multiprocessing
 import re
 import resource
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -45,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtfm.dirlock import hold_dir_lock
+from mtfm.dirlock import claim_output_dir, hold_dir_lock
 
 REFERENCE_LAYERS = 16  # the depth of every configuration of paper Table 3 but (5:1)x3
 DEFAULT_CONFIGS: tuple[str, ...] = (
@@ -191,19 +190,9 @@ class AblationOptions:
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing ``out`` unless ``overwrite``; even then replace only an earlier ablation's
-    output (it holds :data:`MARKER`) or an empty directory, never a directory of other files."""
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out}: exists and is not a directory")
-    if not out.is_dir():
-        return
-    entries = list(out.iterdir())
-    if not overwrite:
-        raise FileExistsError(f"{out}: exists (pass --overwrite to replace an earlier ablation's output)")
-    if entries and not (out / MARKER).is_file():
-        raise FileExistsError(f"{out}: holds files the HTA ablation did not write (no {MARKER}); --overwrite "
-                              "replaces an earlier ablation's output only: choose another --out")
-    shutil.rmtree(out)
+    """Free ``out`` for the ablation (:func:`mtfm.dirlock.claim_output_dir`: only an earlier
+    ablation's output, holding :data:`MARKER`, is ever replaced)."""
+    claim_output_dir(out, overwrite, MARKER, "mtfm bench hta")
 
 
 def prepare_world(world: WorldOptions, data: Path, quiet: bool) -> None:

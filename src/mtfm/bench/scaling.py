@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtfm.dirlock import hold_dir_lock
+from mtfm.dirlock import claim_output_dir, hold_dir_lock
 
 MARKER = "scaling.json"  # written into --out; an --overwrite replaces only a directory that holds it
 REPORT = "scaling.md"
@@ -144,19 +143,9 @@ def match_mmoe(target: float, schema, batches: list, step: int = 8) -> tuple[dic
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing ``out`` unless ``overwrite``; even then replace only an earlier study's
-    output (it holds :data:`MARKER`) or an empty directory, never a directory of other files."""
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out}: exists and is not a directory")
-    if not out.is_dir():
-        return
-    entries = list(out.iterdir())
-    if not overwrite:
-        raise FileExistsError(f"{out}: exists (pass --overwrite to replace an earlier scaling study's output)")
-    if entries and not (out / MARKER).is_file():
-        raise FileExistsError(f"{out}: holds files the scaling study did not write (no {MARKER}); --overwrite "
-                              "replaces an earlier study's output only: choose another --out")
-    shutil.rmtree(out)
+    """Free ``out`` for the study (:func:`mtfm.dirlock.claim_output_dir`: only an earlier study's
+    output, holding :data:`MARKER`, is ever replaced)."""
+    claim_output_dir(out, overwrite, MARKER, "mtfm bench scaling")
 
 
 def prepare_world(world: ScalingWorld, data: Path, quiet: bool) -> None:

@@ -16,14 +16,13 @@ The run and the data must match (the run's data fingerprint and schema, as for e
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mtfm.dirlock import hold_dir_lock
+from mtfm.dirlock import claim_output_dir, hold_dir_lock
 from mtfm.explain.accumulate import BlockSums, from_json
 from mtfm.explain.capture import capture, layer_names, load_reference_model
 from mtfm.explain.groups import AGE_EDGES_S, make_grouping, token_table
@@ -61,18 +60,9 @@ class ExplainResult:
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty ``out`` unless ``overwrite``; even then replace only an earlier
-    explain output (it holds :data:`RESULT_NAME`), never a directory of other files."""
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out}: exists and is not a directory")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise FileExistsError(f"{out}: exists and is not empty (pass --overwrite to replace an earlier explain output)")
-    if not (out / RESULT_NAME).is_file():
-        raise FileExistsError(f"{out}: holds files mtfm explain did not write (no {RESULT_NAME}); --overwrite "
-                              "replaces an earlier explain output only: choose another --out")
-    shutil.rmtree(out)
+    """Free ``out`` for explain (:func:`mtfm.dirlock.claim_output_dir`: only an earlier explain
+    output, holding :data:`RESULT_NAME`, is ever replaced)."""
+    claim_output_dir(out, overwrite, RESULT_NAME, "mtfm explain")
 
 
 def _source_names(data: Path) -> dict[int, str]:
