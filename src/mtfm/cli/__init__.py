@@ -17,6 +17,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mtfm.cli.train",
     "mtfm.cli.evaluate",
     "mtfm.cli.predict",
+    "mtfm.cli.export",
     "mtfm.cli.serve",
     "mtfm.cli.diagnose",
     "mtfm.cli.explain",
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtfm",
         description="MTFM: multi-scenario recommendation foundation model "
-        "(prepare data, train, evaluate, predict, serve, diagnose, compare with baselines).",
+        "(prepare data, train, evaluate, predict, export, serve, diagnose, compare with baselines).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in _COMMAND_MODULES:

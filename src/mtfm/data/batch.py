@@ -80,7 +80,7 @@ class SequenceBatch:
 
     @property
     def num_rows(self) -> int:
-        return int(self.timestamps.shape[0])
+        return self.timestamps.shape[0]  # not int(): a symbolic size under torch.export stays symbolic
 
 
 @dataclass
@@ -99,7 +99,7 @@ class ScenarioBatch:
 
     @property
     def num_rows(self) -> int:
-        return int(self.timestamps.shape[0])
+        return self.timestamps.shape[0]  # not int(): a symbolic size under torch.export stays symbolic
 
 
 @dataclass
@@ -137,7 +137,7 @@ class JaggedBatch:
 
     @property
     def batch_size(self) -> int:
-        return int(self.user_ids.shape[0])
+        return self.user_ids.shape[0]  # not int(): a symbolic size under torch.export stays symbolic
 
     @property
     def num_exposures(self) -> int:
@@ -145,7 +145,7 @@ class JaggedBatch:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.layout.group_ids.shape[0])
+        return self.layout.group_ids.shape[0]  # not int(): a symbolic size under torch.export stays symbolic
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "JaggedBatch":
         return _map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))

@@ -6,6 +6,9 @@
 against it, forward and backward. GPU kernels (Triton) plug in with :func:`register_backend`
 from their own module, without touching the model.
 
+``"request"`` (:mod:`mtfm.kernels.request`) scores one request (one user, context tokens first)
+with sizes from shapes only, which is what ``torch.export`` needs.
+
 ``"triton"`` (:mod:`mtfm.kernels.triton_attention`) is registered here by a thin wrapper that
 imports Triton only when first called, so ``import mtfm`` never needs Triton. ``"auto"`` picks
 ``triton`` for CUDA tensors when Triton is importable and ``jagged`` otherwise (set
@@ -16,6 +19,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Callable
 
 from torch import Tensor
@@ -23,6 +29,7 @@ from torch import Tensor
 from mtfm.kernels.common import AttentionLayout, AttentionParams, QuerySet, bias_index, log_buckets
 from mtfm.kernels.jagged import jagged_attention
 from mtfm.kernels.reference import reference_attention
+from mtfm.kernels.request import request_attention
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor, QuerySet, AttentionLayout, AttentionParams], Tensor]
 
@@ -39,6 +46,7 @@ def _triton_attention(
 _BACKENDS: dict[str, AttentionFn] = {
     "reference": reference_attention,
     "jagged": jagged_attention,
+    "request": request_attention,
     "triton": _triton_attention,
 }
 
@@ -79,6 +87,23 @@ def fused_group_layer_norm(x: Tensor, group_ids: Tensor, weight: Tensor, bias: T
     return fused(x, group_ids, weight, bias, eps)
 
 
+_FORCED_BACKEND: ContextVar[str | None] = ContextVar("mtfm_forced_attention_backend", default=None)
+
+
+@contextmanager
+def forced_backend(name: str) -> Iterator[None]:
+    """Inside the block every :func:`hstu_attention` call runs backend ``name``, whatever the
+    model's config says. The request graph of :mod:`mtfm.serve.export` uses it to run a trained
+    model's layers on the ``request`` backend (its layout is one request) without copying them."""
+    if name not in _BACKENDS and name != "auto":
+        raise ValueError(f"unknown attention backend {name!r}; available: {backends()}")
+    token = _FORCED_BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _FORCED_BACKEND.reset(token)
+
+
 def register_backend(name: str, fn: AttentionFn) -> None:
     """Make ``fn`` selectable as ``attention_backend=name`` (it must match the reference)."""
     _BACKENDS[name] = fn
@@ -99,7 +124,7 @@ def hstu_attention(
     backend: str = "jagged",
 ) -> Tensor:
     """``[Nq, H, dv]`` masked HSTU attention with GQA, computed by the named backend (or ``"auto"``)."""
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(_FORCED_BACKEND.get() or backend, q.device)
     try:
         fn = _BACKENDS[backend]
     except KeyError:
@@ -112,6 +137,7 @@ __all__ = [
     "AttentionParams",
     "QuerySet",
     "backends",
+    "forced_backend",
     "fused_gln_available",
     "fused_group_layer_norm",
     "bias_index",
@@ -120,6 +146,7 @@ __all__ = [
     "jagged_attention",
     "reference_attention",
     "register_backend",
+    "request_attention",
     "resolve_backend",
     "triton_disabled",
     "triton_importable",

@@ -50,7 +50,7 @@ class QuerySet:
 
     @property
     def num_queries(self) -> int:
-        return int(self.index.shape[0])
+        return self.index.shape[0]  # not int(): a symbolic size under torch.export stays symbolic
 
 
 @dataclass
@@ -67,6 +67,9 @@ class AttentionLayout:
     user: Tensor  # long [N]: user of each token
     expiry: Tensor | None = None  # long [N]: R-token visibility end (mtfm.model.mask); None: NEVER
     content: Tensor | None = None  # float [N, W]: unit content vectors (mtfm.model.content); None: no content match
+    # one request (one user) whose first num_context tokens are its H and R tokens and the rest
+    # its T-tokens (mtfm.kernels.request); None: any layout
+    num_context: int | None = None
     cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -81,11 +84,11 @@ class AttentionLayout:
 
     @property
     def batch_size(self) -> int:
-        return int(self.offsets.shape[0]) - 1
+        return self.offsets.shape[0] - 1  # not int(): a symbolic size under torch.export stays symbolic
 
     @property
     def num_tokens(self) -> int:
-        return int(self.token_type.shape[0])
+        return self.token_type.shape[0]  # not int(): a symbolic size under torch.export stays symbolic
 
     def _subset(self, keep: Tensor) -> QuerySet:
         index = torch.nonzero(keep).flatten()
@@ -165,11 +168,13 @@ class AttentionParams:
 
 
 def log_buckets(gap: Tensor, num_buckets: int) -> Tensor:
-    """``min(floor(log2(1 + |gap|)), num_buckets - 1)``, exactly: the binary exponent of
-    ``1 + |gap|`` from ``frexp`` (``log2`` is not exact at powers of two on CUDA, where
-    ``log2(8.0)`` gives 2.9999999999999996; exact in float64 for gaps below 2^53)."""
-    _, exponent = torch.frexp(gap.abs().to(torch.float64) + 1.0)
-    return (exponent.long() - 1).clamp_(max=num_buckets - 1)
+    """``min(floor(log2(1 + |gap|)), num_buckets - 1)``, exactly: how many of the powers of two
+    ``2, 4, ..., 2^(num_buckets - 1)`` are at most ``1 + |gap|``, found by ``bucketize`` on the
+    integers. (Float ``log2`` is not exact at powers of two on CUDA, where ``log2(8.0)`` gives
+    2.9999999999999996; ``frexp``, used before, is exact but its int32 exponent does not compile
+    under AOTInductor's vectorised CPU code in torch 2.13, which ``mtfm export --aoti`` needs.)"""
+    bounds = torch.tensor([(1 << i) - 1 for i in range(1, max(num_buckets, 1))], dtype=torch.long, device=gap.device)
+    return torch.bucketize(gap.abs().long(), bounds, right=True)
 
 
 def visible_rank_gap(context_mask: Tensor, q_col: Tensor) -> Tensor:

@@ -99,22 +99,17 @@ class FeatureEmbeddings(nn.Module):
 
     def embed_feature(self, field: str, feat: Feature, features: FeatureTensors, num_rows: int) -> Tensor:
         """``[num_rows, width]``: one feature of a field (its table row, pooled bag, or numeric encoding)."""
-        where = describe_field(field)
+        if not torch.compiler.is_exporting():  # a traced graph cannot raise on values: mtfm.serve.export checks on the host
+            check_feature_values(field, feat, features, num_rows)
         if isinstance(feat, NumericFeature):
             encoder: nn.Linear = self.numeric[module_key(field, feat.name)]
-            x = _checked_numeric(where, feat.name, features.numeric[feat.name], num_rows)
-            return encoder(x.to(encoder.weight.dtype)[:, None])
+            return encoder(features.numeric[feat.name].to(encoder.weight.dtype)[:, None])
         table: nn.Embedding = self.tables[self.table_of[(field, feat.name)]]
         if isinstance(feat, MultiCategoricalFeature):
             values, offsets = features.multi[feat.name]
-            _check_bags(where, feat.name, values, offsets, num_rows)
-            _check_ids(where, feat.name, values, feat.cardinality)
             return F.embedding_bag(values, table.weight, offsets, mode=feat.pooling, include_last_offset=True,
                                    sparse=table.sparse)
-        ids = features.categorical[feat.name]
-        _check_rows(where, feat.name, ids, num_rows)
-        _check_ids(where, feat.name, ids, feat.cardinality)
-        return table(ids)
+        return table(features.categorical[feat.name])
 
     def subset(self, fields: list[str]) -> "FeatureEmbeddings":
         """A collection over ``fields`` only that shares (does not copy) the tables and encoders it needs."""
@@ -151,6 +146,22 @@ def check_columns(where: str, features: list[Feature], given: FeatureTensors) ->
                 + (f"; missing {missing}" if missing else "")
                 + (f"; not in the schema {extra}" if extra else "")
             )
+
+
+def check_feature_values(field: str, feat: Feature, features: FeatureTensors, num_rows: int) -> None:
+    """The values of one feature of ``field`` must be embeddable: ids in range, finite numbers,
+    well-formed bags, one row each. The error names the field, the feature and the first bad row."""
+    where = describe_field(field)
+    if isinstance(feat, NumericFeature):
+        _checked_numeric(where, feat.name, features.numeric[feat.name], num_rows)
+    elif isinstance(feat, MultiCategoricalFeature):
+        values, offsets = features.multi[feat.name]
+        _check_bags(where, feat.name, values, offsets, num_rows)
+        _check_ids(where, feat.name, values, feat.cardinality)
+    else:
+        ids = features.categorical[feat.name]
+        _check_rows(where, feat.name, ids, num_rows)
+        _check_ids(where, feat.name, ids, feat.cardinality)
 
 
 def _check_rows(where: str, name: str, values: Tensor, num_rows: int) -> None:

@@ -165,19 +165,22 @@ class _HSTULayer(nn.Module):
         )
         # columns of the content vector per link table (a buffer: it follows the layer's device)
         self.register_buffer("_link_columns", torch.tensor(self.link_widths, dtype=torch.long), persistent=False)
+        self._content_width = sum(self.link_widths)
 
     def _split_kv(self, kv: Tensor) -> tuple[Tensor, Tensor]:
         k, v = kv.split(self.kv_groups * self.dh, dim=-1)
-        return k.reshape(-1, self.kv_groups, self.dh), v.reshape(-1, self.kv_groups, self.dh)
+        n = kv.shape[0]  # explicit row counts, not -1: a symbolic size stays free of "!= 0" guards under torch.export
+        return k.reshape(n, self.kv_groups, self.dh), v.reshape(n, self.kv_groups, self.dh)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, queries, layout: AttentionLayout) -> Tensor:
         params = _attention_params(self.config, self.time_bias, self.position_bias)
-        q = q.reshape(-1, self.heads, self.dh)
+        q = q.reshape(q.shape[0], self.heads, self.dh)
         if self.match_scale is not None:
-            weight = self.match_scale.repeat_interleave(self._link_columns, dim=1) / params.alpha  # [H, W]
+            weight = self.match_scale.repeat_interleave(self._link_columns, dim=1, output_size=self._content_width)
+            weight = weight / params.alpha  # [H, W]; output_size: no host sync, and torch.export can trace it
             q, k = append_content(q, k, layout, queries.index, weight)
         a = hstu_attention(q, k, v, queries, layout, params, self.config.attention_backend)
-        return a.reshape(-1, self.heads * self.dh)
+        return a.reshape(a.shape[0], self.heads * self.dh)
 
     def _output(self, x: Tensor, a: Tensor, u: Tensor, out_groups: Tensor) -> Tensor:
         """Eq. 10 / 17: ``f2(GLN(A) * U) + X``."""

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from mtfm.config import DataSchema
 from mtfm.data.batch import TOKEN_H, TOKEN_R, TOKEN_T, JaggedBatch
-from mtfm.kernels import AttentionLayout
+from mtfm.kernels import AttentionLayout, forced_backend
+from mtfm.kernels.request import request_layout
 from mtfm.model.config import ModelConfig
 from mtfm.model.content import batch_content, in_layout_order, link_tables, link_widths
 from mtfm.model.embedding import FeatureEmbeddings, check_columns, describe_field
@@ -137,6 +138,35 @@ class MTFMBase(nn.Module):
             logits[name] = out if out.dtype == torch.float64 else out.float()  # bf16 -> fp32; fp64 kept
         return ModelOutput(logits, embeddings)
 
+    def forward_request(self, batch: JaggedBatch) -> Tensor:
+        """Logits ``[L, num_tasks]`` of one request: one user, one scenario, the context tokens
+        before the T-tokens (as :func:`mtfm.data.aggregate.build_request` lays them out); rows in
+        the scenario's row order (``batch.scenarios[s]``), like :meth:`forward`'s.
+
+        The same numbers as :meth:`forward` (``tests/test_export.py``), computed with the
+        ``request`` attention backend (:mod:`mtfm.kernels.request`): every size comes from a
+        tensor shape and nothing syncs with the host, so this is the graph that
+        :mod:`mtfm.serve.export` hands to ``torch.export``. Its value checks run only eagerly.
+        """
+        if len(batch.scenarios) != 1 or batch.batch_size != 1:
+            raise ValueError(f"a request is one user and one scenario; the batch holds {batch.batch_size} users "
+                             f"and scenarios {list(batch.scenarios)}")
+        (name, _), = batch.scenarios.items()
+        num_context = sum(s.num_rows for s in batch.history.values()) + sum(s.num_rows for s in batch.realtime.values())
+        lay = batch.layout
+        layout = request_layout(lay.token_type, lay.timestamps, lay.expiry, num_context)
+        if self.content_links:
+            layout.content = batch_content(self.embeddings, self.content_links, batch)
+        groups = self._token_groups(batch, layout)
+        with forced_backend("request"):
+            x = self.stack(self._tokens(batch), groups, layout)
+        x_t = x[num_context:]
+        if self.final_norm is not None:
+            x_t = self.final_norm(x_t, groups.target)
+        out = self.head(x_t, name)
+        out = out if out.dtype == torch.float64 else out.float()
+        return torch.zeros_like(out).index_copy(0, lay.source_row[num_context:], out)
+
     def _token_groups(self, batch: JaggedBatch, layout: AttentionLayout) -> TokenGroups:
         """Map the batch's positional group ids to the model's groups by name; check the layout."""
         batch_groups = (
@@ -148,7 +178,8 @@ class MTFMBase(nn.Module):
                 f"the batch holds token groups {unknown} that this model does not know (its groups: {self.groups}); "
                 "build the model from a schema that has them, or drop them with mtfm.model.batch_ops.restrict_batch"
             )
-        _check_layout(batch, batch_groups)
+        if not torch.compiler.is_exporting():  # value checks: eager only (mtfm.serve.export checks on the host)
+            check_token_layout(batch, batch_groups)
         device = batch.layout.group_ids.device
         remap = torch.tensor([self._group_index[g] for g in batch_groups], dtype=torch.long, device=device)
         all_ids = remap[batch.layout.group_ids] if batch_groups else batch.layout.group_ids
@@ -186,7 +217,7 @@ class MTFMBase(nn.Module):
         return masked_bce_loss(self.schema, batch, out.logits, self.config.loss_weighting)
 
 
-def _check_layout(batch: JaggedBatch, batch_groups: list[str]) -> None:
+def check_token_layout(batch: JaggedBatch, batch_groups: list[str]) -> None:
     """The layout must place every row of every group exactly once, with the group's token type."""
     layout = batch.layout
     rows = [s.num_rows for s in batch.history.values()] + [s.num_rows for s in batch.realtime.values()]
