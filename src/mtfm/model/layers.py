@@ -163,9 +163,9 @@ class _HSTULayer(nn.Module):
             nn.Parameter(torch.full((heads, len(self.link_widths)), config.content_match_init))
             if self.link_widths else None
         )
-        # columns of the content vector per link table (a buffer: it follows the layer's device)
-        self.register_buffer("_link_columns", torch.tensor(self.link_widths, dtype=torch.long), persistent=False)
-        self._content_width = sum(self.link_widths)
+        # the link table of each column of the content vector (a buffer: it follows the layer's device)
+        link_of_column = [i for i, width in enumerate(self.link_widths) for _ in range(width)]
+        self.register_buffer("_link_of_column", torch.tensor(link_of_column, dtype=torch.long), persistent=False)
 
     def _split_kv(self, kv: Tensor) -> tuple[Tensor, Tensor]:
         k, v = kv.split(self.kv_groups * self.dh, dim=-1)
@@ -176,8 +176,7 @@ class _HSTULayer(nn.Module):
         params = _attention_params(self.config, self.time_bias, self.position_bias)
         q = q.reshape(q.shape[0], self.heads, self.dh)
         if self.match_scale is not None:
-            weight = self.match_scale.repeat_interleave(self._link_columns, dim=1, output_size=self._content_width)
-            weight = weight / params.alpha  # [H, W]; output_size: no host sync, and torch.export can trace it
+            weight = self.match_scale.index_select(1, self._link_of_column) / params.alpha  # [H, W]
             q, k = append_content(q, k, layout, queries.index, weight)
         a = hstu_attention(q, k, v, queries, layout, params, self.config.attention_backend)
         return a.reshape(a.shape[0], self.heads * self.dh)

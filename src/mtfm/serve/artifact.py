@@ -29,7 +29,15 @@ from torch import Tensor
 from mtfm.config import schema_from_dict
 from mtfm.data.batch import JaggedBatch
 from mtfm.model.mtfm import MTFMBase
-from mtfm.serve.export import RequestInputs, example_request, export_program, pad_request, request_inputs
+from mtfm.serve.export import (
+    MIN_CANDIDATES,
+    MIN_CONTEXT,
+    RequestInputs,
+    example_request,
+    export_program,
+    pad_request,
+    request_inputs,
+)
 
 if TYPE_CHECKING:
     import polars as pl
@@ -85,7 +93,8 @@ def write_artifact(out: Path, model: MTFMBase, manifest_json: dict[str, Any] | N
         "inputs": spec.keys(),
         "schema": spec.schema.model_dump(mode="json", exclude_none=True),
         "outputs": "logits [num_candidates, num_tasks] float32, candidates in request order (T:<scenario>/@time's)",
-        "min_candidates": MIN_CANDIDATES,
+        "min_candidates": MIN_CANDIDATES,  # smaller requests are padded on the host, exactly (pad_request)
+        "min_context": MIN_CONTEXT,
         "files": files,
         "parameters": sum(p.numel() for p in program.state_dict.values()),
         "torch": torch.__version__,
@@ -147,6 +156,12 @@ class ExportedScenario:
     def logits(self, batch: JaggedBatch) -> Tensor:
         """Logits ``[N, tasks]`` of a one-user request of this scenario (checked on the host first)."""
         request_inputs(self.spec, batch)  # the checks, on the request as given
+        if self.runtime == "onnx":
+            empty = [name for name, seq in batch.history.items() if seq.num_rows == 0 and seq.features.multi]
+            if empty:
+                raise ValueError(f"the ONNX graph cannot score a request whose history type(s) {empty} (list-valued "
+                                 "features) are empty: ONNX Runtime refuses an empty list of bags; use the program "
+                                 "or aoti runtime")
         n = batch.scenarios[self.spec.scenario].num_rows
         if n == 0:
             return torch.zeros((0, len(self.tasks)))

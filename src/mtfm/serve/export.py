@@ -189,16 +189,19 @@ def request_inputs(spec: RequestInputs, batch: JaggedBatch) -> dict[str, Tensor]
 
 
 def pad_request(batch: JaggedBatch, spec: RequestInputs) -> JaggedBatch:
-    """The request with at least :data:`MIN_CANDIDATES` candidates and :data:`MIN_CONTEXT` context
-    tokens, scoring its own candidates exactly as before (``tests/test_export.py``).
+    """The request with at least :data:`MIN_CANDIDATES` candidates, :data:`MIN_CONTEXT` context
+    tokens and one row of every real-time type, scoring its own candidates exactly as before
+    (``tests/test_export.py``).
 
     * Candidates: the last one is repeated. No token attends to another T-token (the mask), so a
       copy changes no score; its row comes after the real ones and is dropped.
-    * Context: invisible real-time actions are added (the first real-time type's, ids 0 and
-      values 0, at the earliest time in the request, with an expiry before their own time). The
-      rule ``t_k < t_q <= expiry_k`` hides them from every query; position gaps count visible
-      keys only; so no other token's output moves. A schema without real-time types cannot be
-      padded that way: such a request is refused, naming the minimum.
+    * Context: invisible real-time actions are added (ids 0, values 0, empty lists, at the
+      earliest time in the request, with an expiry before their own time). The rule
+      ``t_k < t_q <= expiry_k`` hides them from every query and position gaps count visible keys
+      only, so no other token's output moves. An empty real-time type gets one (ONNX Runtime
+      refuses an empty list of bags); a short context gets them in the first real-time type. A
+      schema without real-time types cannot be padded that way: a request of fewer than
+      :data:`MIN_CONTEXT` actions is refused, naming the minimum.
     """
     from mtfm.model.batch_ops import take_candidates
 
@@ -206,17 +209,20 @@ def pad_request(batch: JaggedBatch, spec: RequestInputs) -> JaggedBatch:
     if 0 < sb.num_rows < MIN_CANDIDATES:
         rows = torch.cat([torch.arange(sb.num_rows), torch.full((MIN_CANDIDATES - sb.num_rows,), sb.num_rows - 1)])
         batch = take_candidates(batch, spec.scenario, rows)
-    context = sum(s.num_rows for s in batch.history.values()) + sum(s.num_rows for s in batch.realtime.values())
-    if context >= MIN_CONTEXT:
-        return batch
-    if not batch.realtime:
-        raise ValueError(f"this exported graph needs at least {MIN_CONTEXT} history / real-time actions per request "
-                         f"and the request has {context}; the schema has no real-time type to pad it with")
-    name, seq = next(iter(batch.realtime.items()))
-    ghosts = MIN_CONTEXT - context
     start = int(batch.layout.timestamps.min()) - 1 if batch.layout.timestamps.numel() else 0
     realtime = dict(batch.realtime)
-    realtime[name] = _with_ghost_rows(seq, spec.fields.get(f"R:{name}", []), ghosts, start)
+    for name, seq in realtime.items():
+        if seq.num_rows == 0:
+            realtime[name] = _with_ghost_rows(seq, spec.fields.get(f"R:{name}", []), 1, start)
+    context = sum(s.num_rows for s in batch.history.values()) + sum(s.num_rows for s in realtime.values())
+    if context < MIN_CONTEXT:
+        if not realtime:
+            raise ValueError(f"this exported graph needs at least {MIN_CONTEXT} history / real-time actions per "
+                             f"request and the request has {context}; the schema has no real-time type to pad it with")
+        name = next(iter(realtime))
+        realtime[name] = _with_ghost_rows(realtime[name], spec.fields.get(f"R:{name}", []), MIN_CONTEXT - context, start)
+    if all(realtime[n] is batch.realtime[n] for n in realtime):
+        return batch
     layout = build_token_layout(batch.history, realtime, batch.scenarios, 1)
     return JaggedBatch(batch.user_ids, batch.window_start, batch.history, realtime, batch.scenarios, layout)
 
