@@ -28,6 +28,7 @@ data); seeds vary initialisation, shuffling and dropout. Finished runs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import math
@@ -66,9 +67,34 @@ def _prepare(args: argparse.Namespace, data: Path) -> None:
     source = importlib.import_module(f"mtfm.data.sources.{args.dataset}")
     if args.dataset == "synthetic":
         raw = source.load_source(None, _synthetic_schema(args.valid_days, args.test_days), args.users, 0)
+        if args.train_users is not None:
+            raw = _train_users_only(raw, args.train_users)
     else:
         raw = source.load_source(args.path, None, None, 0)
     prepare(raw, data)
+
+
+def _train_users_only(raw, users: int):
+    """The world with the training split's exposures of users ``0 .. users - 1`` only; valid and test
+    keep every user, and every user keeps all behaviour (inputs), so worlds cut at different ``users``
+    share one test set and differ only in how many users' training labels they hold."""
+    import polars as pl
+
+    schema = raw.schema
+    ucol, tcol = schema.user_column, schema.time.column
+    tables = dict(raw.tables)
+    kept = {}
+    for sc in schema.scenarios:
+        frame = tables[sc.table]
+        keep = (pl.col(tcol) >= schema.split.valid_start) | (pl.col(ucol) < users)
+        tables[sc.table] = frame.filter(keep)
+        kept[sc.name] = (len(tables[sc.table]), len(frame))
+    print("training exposures of users < " + str(users) + ": " + ", ".join(
+        f"{name} {k:,} of {n:,} rows kept" for name, (k, n) in kept.items()), flush=True)
+    dropped = sum(n - k for k, n in kept.values())
+    reason = f"training exposures of users >= {users} (--train-users)"
+    return dataclasses.replace(raw, tables=tables, pre_dropped={**raw.pre_dropped, reason: dropped},
+                               info={**raw.info, "train_users": users})
 
 
 def _train_and_evaluate(args: argparse.Namespace, data: Path, run: Path, arch: str, seed: int,
@@ -265,6 +291,9 @@ def main() -> None:
     p.add_argument("--test-days", type=int, default=1,
                    help="synthetic: last exposure days in the test split (schema: 1); more days give the small "
                         "scenario more test positives for the same training cost")
+    p.add_argument("--train-users", type=int, default=None, metavar="N",
+                   help="synthetic: keep the training exposures of users 0..N-1 only (valid / test keep all "
+                        "--users users): nested training sets over one fixed test set, for a learning curve")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", required=True, help="directory for the data, the runs and the report")
     p.add_argument("--model", default="small", help="MTFM model config or preset")
@@ -307,6 +336,8 @@ def main() -> None:
             results[kind][seed] = _train_and_evaluate(args, data, out / f"seed{seed}" / kind, arch, seed, only, drop)
     title = f"{args.dataset}" + (f" ({args.users} users, world seed 0; valid: {args.valid_days} day(s), test: the last "
                                  f"{args.test_days} day(s))" if args.dataset == "synthetic" else "")
+    if args.train_users is not None:
+        title += f"; training exposures of users 0..{args.train_users - 1} only"
     text, summary = report(results, scenarios, tasks, args.seeds, title)
     if args.input_ablations:
         text += "\n\n" + ablation_table(results, scenarios, tasks, args.seeds)
