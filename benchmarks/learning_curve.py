@@ -23,7 +23,9 @@ def _load(dirs: list[str]) -> list[tuple[int, dict]]:
     reports = []
     for d in dirs:
         report = json.loads((Path(d) / "report.json").read_text())
-        reports.append((int(report["config"]["users"]), report))
+        # nested worlds (run_experiments.py --train-users N) share one test set: their x is N
+        users = report["config"].get("train_users") or report["config"]["users"]
+        reports.append((int(users), report))
     return sorted(reports, key=lambda x: x[0])
 
 
@@ -32,15 +34,28 @@ def _ms(values: list[float | None]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
+def _paired_bound(a: list[float | None], b: list[float | None]) -> float | None:
+    """One-sided 95% lower bound of mean(a - b), paired by seed (t distribution)."""
+    from scipy import stats
+
+    d = np.array([x - y for x, y in zip(a, b) if x is not None and y is not None], dtype=float)
+    if d.size < 2:
+        return None
+    return float(d.mean() - stats.t.ppf(0.95, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size))
+
+
 def table(reports: list[tuple[int, dict]]) -> str:
-    lines = ["| users | scenario | task | LR GAUC | MTFM GAUC | oracle GAUC | GAUC gap closed | seeds |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| users | scenario | task | LR GAUC | MTFM GAUC | oracle GAUC | GAUC gap closed | MTFM - LR GAUC [bound] "
+             "| seeds |", "|---|---|---|---|---|---|---|---|---|"]
     for users, report in reports:
         for s, tasks in report["scenarios"].items():
             for t, row in tasks.items():
                 (lr, lr_sd), (mt, mt_sd), (gap, gap_sd) = _ms(row["lr_gauc"]), _ms(row["multi_gauc"]), _ms(row["gap_closed"])
+                bound = _paired_bound(row["multi_gauc"], row["lr_gauc"])
+                delta = f"{mt - lr:+.4f} [{bound:+.4f}]" if bound is not None else f"{mt - lr:+.4f}"
                 lines.append(f"| {users:,} | {s} | {t} | {lr:.4f} ± {lr_sd:.4f} | {mt:.4f} ± {mt_sd:.4f} | "
-                             f"{row['oracle_gauc']:.4f} | {100 * gap:.0f}% ± {100 * gap_sd:.0f}% | {len(report['seeds'])} |")
+                             f"{row['oracle_gauc']:.4f} | {100 * gap:.0f}% ± {100 * gap_sd:.0f}% | {delta} | "
+                             f"{len(report['seeds'])} |")
     return "\n".join(lines)
 
 
@@ -63,7 +78,7 @@ def plot(reports: list[tuple[int, dict]], png: str, tasks: list[str]) -> None:
         ax.set_xscale("log")
         ax.set_xticks(users, [f"{u // 1000}k" for u in users])
         ax.set_title(f"{s} {t}")
-        ax.set_xlabel("users")
+        ax.set_xlabel("users with training labels")
     axes[0][0].set_ylabel("GAUC gap LR -> oracle closed (%)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
