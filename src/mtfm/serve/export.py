@@ -105,7 +105,7 @@ class RequestInputs:
             self._put_features(out, f"T:{self.scenario}:{part}", getattr(sb, part))
         lay = batch.layout
         values = {"group": group_ids, "type": lay.token_type, "time": lay.timestamps, "row": lay.source_row,
-                  "expiry": lay.expiry if lay.expiry is not None else torch.full_like(lay.timestamps, 2**62)}
+                  "expiry": lay.expiry if lay.expiry is not None else torch.full_like(lay.timestamps, NEVER)}
         out.update({f"layout/@{k}": v for k, v in values.items()})
         return {k: out[k].to(torch.float32 if dtype == "float32" else torch.int64).contiguous()
                 for k, dtype in self.keys().items()}
