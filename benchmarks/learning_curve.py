@@ -66,6 +66,7 @@ def plot(reports: list[tuple[int, dict]], png: str, tasks: list[str]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     panels = [(s, t) for s, have in reports[0][1]["scenarios"].items() for t in have if t in tasks]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), sharey=True, squeeze=False)
@@ -77,6 +78,7 @@ def plot(reports: list[tuple[int, dict]], png: str, tasks: list[str]) -> None:
         ax.axhline(0, color="grey", lw=0.8, label="LR")
         ax.set_xscale("log")
         ax.set_xticks(users, [f"{u // 1000}k" for u in users])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the sizes are labelled
         ax.set_title(f"{s} {t}")
         ax.set_xlabel("users with training labels")
     axes[0][0].set_ylabel("GAUC gap LR -> oracle closed (%)")
