@@ -25,10 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from bench_falcon import _best_ms  # the same timing rule as the M-Falcon table (benchmarks/ is the script dir)
 
 from mtfm.data.sources.synthetic import load_packaged_schema
 from mtfm.model import MTFM
@@ -39,16 +40,6 @@ from mtfm.serve.artifact import ExportedScenario, write_artifact
 from mtfm.serve.export import pad_request, request_inputs
 
 RUNTIMES = ("program", "aoti", "onnx")
-
-
-def _best_ms(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
 
 
 def main() -> None:

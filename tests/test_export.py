@@ -89,10 +89,12 @@ def test_request_attention_equals_the_reference_forward_and_backward(seed, conte
 
 def test_the_request_backend_refuses_a_layout_that_is_not_one_request():
     token_type = torch.tensor([0, TOKEN_T, 1, TOKEN_T])  # a context token after a T-token
-    layout = request_layout(token_type, torch.arange(4), None, 2)
+    with pytest.raises(ValueError, match="context tokens first"):  # checked once, when the layout is built
+        request_layout(token_type, torch.arange(4), None, 2)
+    plain = AttentionLayout(torch.tensor([0, 4]), token_type, torch.arange(4), torch.zeros(4, dtype=torch.long))
     q, k = torch.randn(4, 2, 3), torch.randn(4, 1, 3)
-    with pytest.raises(ValueError, match="context tokens first"):
-        request_attention(q, k, k, layout.queries("all"), layout, AttentionParams(1.0, 1.0, 1))
+    with pytest.raises(ValueError, match="request_layout"):  # a layout that is not a request's
+        request_attention(q, k, k, plain.queries("all"), plain, AttentionParams(1.0, 1.0, 1))
 
 
 # ---- the request graph and the host's padding, eagerly, in float64 -------------------------------

@@ -31,8 +31,11 @@ def request_layout(token_type: Tensor, timestamps: Tensor, expiry: Tensor | None
 
     The query sets (all tokens, the T-tokens, the context) are ranges, so they are cached here
     from the sizes instead of being found with ``nonzero`` as :class:`AttentionLayout` does for
-    a batch. The caller guarantees the order (:func:`check_request_order` checks it eagerly).
+    a batch. The order is checked here, once per request, eagerly (:func:`check_request_order`);
+    under ``torch.export`` the host has checked it (:func:`mtfm.serve.export.request_inputs`).
     """
+    if not torch.compiler.is_exporting():
+        check_request_order(token_type, num_context)
     n = token_type.shape[0]
     device = token_type.device
     offsets = _range_offsets(n, device)
@@ -68,8 +71,6 @@ def request_attention(
     c = layout.num_context
     if c is None or layout.offsets.shape[0] != 2:
         raise ValueError("the request backend scores one request: build its layout with mtfm.kernels.request.request_layout")
-    if not torch.compiler.is_exporting():
-        check_request_order(layout.token_type, c)
     nq, heads, _ = q.shape
     groups = k.shape[1]
     r = heads // groups

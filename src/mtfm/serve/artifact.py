@@ -155,7 +155,7 @@ class ExportedScenario:
 
     def logits(self, batch: JaggedBatch) -> Tensor:
         """Logits ``[N, tasks]`` of a one-user request of this scenario (checked on the host first)."""
-        request_inputs(self.spec, batch)  # the checks, on the request as given
+        inputs = request_inputs(self.spec, batch)  # the checks, on the request as given (errors name its rows)
         if self.runtime == "onnx":
             empty = [name for name, seq in batch.history.items() if seq.num_rows == 0 and seq.features.multi]
             if empty:
@@ -165,7 +165,8 @@ class ExportedScenario:
         n = batch.scenarios[self.spec.scenario].num_rows
         if n == 0:
             return torch.zeros((0, len(self.tasks)))
-        return self.run(request_inputs(self.spec, pad_request(batch, self.spec)))[:n]
+        padded = pad_request(batch, self.spec)
+        return self.run(inputs if padded is batch else request_inputs(self.spec, padded))[:n]
 
     def score_rows(self, tables: Mapping[str, "pl.DataFrame"], user: int, candidates: "pl.DataFrame",
                    request_time: int) -> dict[str, list[float]]:
